@@ -1,0 +1,35 @@
+#![warn(missing_docs)]
+//! Fast sharpness-aware training for [Burn](https://burn.dev).
+//!
+//! SAM (sharpness-aware minimization) computes two gradients per step: `g = ∇L(w)` and
+//! `g_s = ∇L(w + ρ·g/‖g‖)`. vSAM ([arXiv 2403.08821](https://arxiv.org/abs/2403.08821)) writes
+//! `g_s = g + PSF` and computes the second pass only when a variation statistic of the PSF says
+//! it is needed, reusing a decaying copy of the last PSF in between. This crate implements vSAM
+//! and the classic family around one engine: plain SAM, ASAM, LookSAM-style reuse, AE-SAM and
+//! random (RST) gating, on any Burn backend and with any Burn base optimizer.
+//!
+//! Layers, from the bottom:
+//! - [`policy`]: the gates, plain Rust over scalars (no tensors), serializable, seeded;
+//! - [`reuse`]: what cheap steps add to their gradient;
+//! - [`SamEngine`]: the tensor work (norms on the device, the perturbed clone, the PSF cache,
+//!   the mixing) behind a three-call protocol;
+//! - [`SamOptimizer`]: the engine plus a base optimizer, with a closure `step` for custom loops.
+//!
+//! Start with [`SamConfig`].
+
+pub mod backend;
+mod config;
+mod engine;
+mod error;
+mod optimizer;
+pub mod policy;
+pub mod reuse;
+mod telemetry;
+
+pub use config::SamConfig;
+pub use engine::{Counters, EngineRecord, FirstPass, SamEngine};
+pub use error::{Result, SamError};
+pub use optimizer::{SamOptimizer, SamOptimizerRecord, StepOutput};
+pub use telemetry::StepTelemetry;
+
+pub use burn;

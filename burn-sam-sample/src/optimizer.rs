@@ -1,0 +1,253 @@
+//! The custom-loop optimizer: a [`SamEngine`] in front of any Burn base optimizer.
+
+use burn::lr_scheduler::module_lr_scheduler::ModuleLearningRate;
+use burn::module::Module;
+use burn::optim::{GradientsParams, ModuleOptimizer};
+use burn::tensor::{Bytes, DType, Tensor, TensorData};
+use burn_pack::{Reader, Writer};
+
+use crate::config::SamConfig;
+use crate::engine::{EngineRecord, FirstPass, SamEngine};
+use crate::error::{Result, SamError};
+use crate::telemetry::StepTelemetry;
+
+const BASE_KEY: &str = "burn-sam-sample.base-optimizer";
+
+/// What [`SamOptimizer::step`] returns besides the updated module.
+#[derive(Debug)]
+pub struct StepOutput<O> {
+    /// The first-pass loss (at the unperturbed weights), still on the device.
+    pub loss: Tensor<1>,
+    /// What the closure returned besides the loss on the first pass.
+    pub output: O,
+    /// What the step did.
+    pub telemetry: StepTelemetry,
+}
+
+/// A sharpness-aware optimizer for custom training loops, in the manner of Burn's L-BFGS: the
+/// step takes a closure that runs forward + loss, and calls it once on cheap steps and twice on
+/// SAM steps.
+///
+/// The direction (g on cheap steps, g + reuse term, or g_s on SAM steps) goes to the base
+/// [`ModuleOptimizer`], so momentum, weight decay, gradient clipping and parameter groups are
+/// the base optimizer's.
+///
+/// ```rust
+/// # use burn::nn::{Linear, LinearConfig};
+/// # use burn::optim::SgdConfig;
+/// # use burn::prelude::*;
+/// use burn_sam_sample::SamConfig;
+///
+/// # let device = burn_sam_sample::backend::cpu_device().autodiff();
+/// let mut model: Linear = LinearConfig::new(4, 1).init(&device);
+/// let mut sam = SamConfig::vsam(100).init(SgdConfig::new().init()).unwrap();
+/// let x = Tensor::<2>::ones([8, 4], &device);
+/// for _ in 0..5 {
+///     let (next, out) = sam.step(0.1, model, |m: &Linear| (m.forward(x.clone()).powi_scalar(2).mean(), ()));
+///     model = next;
+///     println!("SAM step: {}, SAM fraction {:.2}", out.telemetry.sam, out.telemetry.sam_fraction);
+/// }
+/// ```
+#[derive(Clone)]
+pub struct SamOptimizer {
+    engine: SamEngine,
+    base: ModuleOptimizer,
+}
+
+impl SamOptimizer {
+    /// Builds the optimizer; every field of `config` is checked first.
+    pub fn new(config: &SamConfig, base: ModuleOptimizer) -> Result<Self> {
+        Ok(Self {
+            engine: SamEngine::new(config)?,
+            base,
+        })
+    }
+
+    /// One training step.
+    ///
+    /// `closure` runs the forward pass and the loss on the module it is given and returns the
+    /// scalar loss plus any output (logits for metrics, say). It is called on `module`, and on
+    /// SAM steps a second time on the perturbed copy (whose output is dropped).
+    pub fn step<M, F, O>(&mut self, lr: impl Into<ModuleLearningRate>, module: M, mut closure: F) -> (M, StepOutput<O>)
+    where
+        M: Module,
+        F: FnMut(&M) -> (Tensor<1>, O),
+    {
+        let (loss, output) = closure(&module);
+        let grads = GradientsParams::from_grads(loss.backward(), &module);
+        let first = self.engine.first_pass(&module, grads, &loss);
+        let second = self.engine.perturb(&module, &first).map(|perturbed| {
+            let (loss, _) = closure(&perturbed);
+            GradientsParams::from_grads(loss.backward(), &perturbed)
+        });
+        let direction = self
+            .engine
+            .finish(&module, first, second)
+            .expect("the second pass runs exactly when the gate asks for it");
+        let module = self.base.step(lr, module, direction);
+        (
+            module,
+            StepOutput {
+                loss,
+                output,
+                telemetry: self.engine.telemetry(),
+            },
+        )
+    }
+
+    /// Step 1 of the lower-level protocol: see [`SamEngine::first_pass`].
+    pub fn first_pass<M: Module>(&mut self, module: &M, grads: GradientsParams, loss: &Tensor<1>) -> FirstPass {
+        self.engine.first_pass(module, grads, loss)
+    }
+
+    /// Step 2 of the lower-level protocol: see [`SamEngine::perturb`].
+    pub fn perturb<M: Module>(&self, module: &M, first: &FirstPass) -> Option<M> {
+        self.engine.perturb(module, first)
+    }
+
+    /// Step 3 of the lower-level protocol: forms the direction ([`SamEngine::finish`]) and
+    /// applies it with the base optimizer.
+    pub fn update<M: Module>(
+        &mut self,
+        lr: impl Into<ModuleLearningRate>,
+        module: M,
+        first: FirstPass,
+        second: Option<GradientsParams>,
+    ) -> Result<M> {
+        let direction = self.engine.finish(&module, first, second)?;
+        Ok(self.base.step(lr, module, direction))
+    }
+
+    /// What the last step did and the totals so far.
+    pub fn telemetry(&self) -> StepTelemetry {
+        self.engine.telemetry()
+    }
+
+    /// The engine (gate, cache, counters).
+    pub fn engine(&self) -> &SamEngine {
+        &self.engine
+    }
+
+    /// The engine, mutably (e.g. to [`sync_counters`](SamEngine::sync_counters)).
+    pub fn engine_mut(&mut self) -> &mut SamEngine {
+        &mut self.engine
+    }
+
+    /// The base optimizer.
+    pub fn base(&self) -> &ModuleOptimizer {
+        &self.base
+    }
+
+    /// A snapshot of the whole optimizer state: the base optimizer's record and the engine's.
+    pub fn to_record(&self) -> SamOptimizerRecord {
+        SamOptimizerRecord {
+            base: self.base.to_record(),
+            engine: self.engine.to_record(),
+        }
+    }
+
+    /// Restores a snapshot for training `module`; on error (the message names the first
+    /// mismatch) the optimizer is left unchanged.
+    pub fn load_record<M: Module>(&mut self, record: SamOptimizerRecord, module: &M) -> Result<()> {
+        let mut engine = self.engine.clone();
+        engine.load_record(record.engine, module)?;
+        self.engine = engine;
+        self.base = self.base.clone().load_record(record.base);
+        Ok(())
+    }
+
+    /// Serializes the whole state to burnpack bytes.
+    pub fn into_bytes(&self) -> Result<Bytes> {
+        self.to_record().into_bytes()
+    }
+
+    /// Restores the whole state from burnpack bytes (see [`load_record`](Self::load_record)).
+    pub fn load_bytes<M: Module>(&mut self, bytes: Bytes, module: &M) -> Result<()> {
+        self.load_record(SamOptimizerRecord::from_bytes(bytes)?, module)
+    }
+
+    /// Saves the whole state to a burnpack file.
+    pub fn save(&self, path: impl AsRef<std::path::Path>) -> Result<()> {
+        self.to_record().save(path)
+    }
+
+    /// Restores the whole state from a file written by [`save`](Self::save).
+    pub fn load<M: Module>(&mut self, path: impl AsRef<std::path::Path>, module: &M) -> Result<()> {
+        self.load_record(SamOptimizerRecord::load(path)?, module)
+    }
+}
+
+/// The state of a [`SamOptimizer`]: the base optimizer's record plus the engine's.
+#[derive(Debug)]
+pub struct SamOptimizerRecord {
+    /// The base optimizer's own record.
+    pub base: burn::optim::OptimizerRecord,
+    /// The engine's record.
+    pub engine: EngineRecord,
+}
+
+impl SamOptimizerRecord {
+    fn into_writer(self) -> Result<Writer> {
+        let base = self.base.into_bytes()?;
+        let (mut tensors, state) = self.engine.into_pack()?;
+        let base = TensorData::from_bytes_vec(base.to_vec(), [base.len()], DType::U8);
+        tensors.push(crate::engine::pack_tensor(BASE_KEY.to_string(), None, base));
+        Ok(Writer::new(tensors).with_metadata(crate::engine::STATE_KEY, &state))
+    }
+
+    fn from_reader(reader: Reader) -> Result<Self> {
+        let (mut tensors, metadata) = crate::engine::read_all(reader)?;
+        let base = tensors
+            .remove(BASE_KEY)
+            .ok_or_else(|| SamError::CorruptRecord(format!("tensor `{BASE_KEY}` is missing")))?;
+        if base.dtype != DType::U8 {
+            return Err(SamError::CorruptRecord(format!("tensor `{BASE_KEY}` must be u8, found {:?}", base.dtype)));
+        }
+        let bytes = base.into_bytes().map_err(|e| SamError::CorruptRecord(e.to_string()))?;
+        check_base_record(&bytes)?;
+        let base = burn::optim::OptimizerRecord::from_bytes(bytes)?;
+        let engine = EngineRecord::from_pack(&mut tensors, &metadata)?;
+        Ok(Self { base, engine })
+    }
+
+    /// Serializes the record to burnpack bytes.
+    pub fn into_bytes(self) -> Result<Bytes> {
+        Ok(self.into_writer()?.into_bytes().map_err(burn::store::RecordError::from)?)
+    }
+
+    /// Decodes a record from burnpack bytes; hostile bytes give an error, never a panic.
+    pub fn from_bytes(bytes: Bytes) -> Result<Self> {
+        Self::from_reader(Reader::from_bytes(bytes).map_err(|e| SamError::CorruptRecord(e.to_string()))?)
+    }
+
+    /// Writes the record to a burnpack file (the path is used as given).
+    pub fn save(self, path: impl AsRef<std::path::Path>) -> Result<()> {
+        self.into_writer()?
+            .auto_extension(false)
+            .write_to_file(path)
+            .map_err(burn::store::RecordError::from)?;
+        Ok(())
+    }
+
+    /// Reads a record from a burnpack file.
+    pub fn load(path: impl AsRef<std::path::Path>) -> Result<Self> {
+        Self::from_reader(Reader::from_file_exact(path).map_err(|e| SamError::CorruptRecord(e.to_string()))?)
+    }
+}
+
+/// Burn's loader expects every tensor of an optimizer record to carry a parameter id and panics
+/// otherwise; check first so that foreign bytes give an error.
+fn check_base_record(bytes: &Bytes) -> Result<()> {
+    let reader = Reader::from_bytes(bytes.clone())
+        .map_err(|e| SamError::CorruptRecord(format!("base optimizer record: {e}")))?;
+    let tensors = reader
+        .into_tensors()
+        .map_err(|e| SamError::CorruptRecord(format!("base optimizer record: {e}")))?;
+    if let Some(tensor) = tensors.iter().find(|t| t.param_id.is_none()) {
+        return Err(SamError::CorruptRecord(format!(
+            "base optimizer record: tensor `{}` carries no parameter id",
+            tensor.name
+        )));
+    }
+    Ok(())
+}

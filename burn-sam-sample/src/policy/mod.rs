@@ -1,0 +1,406 @@
+//! Gating policies: which steps run SAM's second gradient pass.
+//!
+//! This layer is plain Rust over scalars: no tensors, no device. A [`Gate`] is asked for the
+//! decision of the coming step ([`Gate::decide`]) and told the statistics of finished steps
+//! ([`Gate::observe_sam`], [`Gate::observe_grad_norm_sq`]). The tensor engine drives it through
+//! exactly this interface, so a gate can be unit-tested, simulated or driven by hand.
+
+mod ae_sam;
+mod variation;
+
+pub use ae_sam::{AeSamConfig, AeSamState};
+pub use variation::{mean_relative_change, sorted_block_variance, VariationConfig, VariationState};
+
+use burn::config::Config;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Result, SamError};
+
+/// Which steps compute the SAM gradient (the second forward/backward pass).
+#[derive(Config, Debug, PartialEq)]
+pub enum GatePolicy {
+    /// Every step is a SAM step: plain SAM
+    /// ([Foret et al., 2021](https://arxiv.org/abs/2010.01412)).
+    Always,
+    /// No step is a SAM step: the base optimizer alone.
+    Never,
+    /// A SAM step every `k` steps, starting with the first (LookSAM's schedule,
+    /// [Liu et al., 2022](https://arxiv.org/abs/2203.02714)).
+    Periodic {
+        /// Period in steps (≥ 1).
+        k: usize,
+    },
+    /// Each step is a SAM step with probability `p`, independently (RST / SS-SAM,
+    /// [Zhao et al., 2022](https://arxiv.org/abs/2203.09962)).
+    Bernoulli {
+        /// Probability of a SAM step, in (0, 1].
+        p: f64,
+    },
+    /// SAM when ‖g‖² is large relative to its moving statistics (AE-SAM).
+    AeSam(AeSamConfig),
+    /// The vSAM variation-threshold rule.
+    Variation(VariationConfig),
+}
+
+impl Default for GatePolicy {
+    fn default() -> Self {
+        Self::Variation(VariationConfig::new())
+    }
+}
+
+impl GatePolicy {
+    /// Checks every field; the error names the first invalid one.
+    pub fn validate(&self) -> Result<()> {
+        match self {
+            Self::Always | Self::Never => Ok(()),
+            Self::Periodic { k } if *k == 0 => Err(SamError::invalid("policy.periodic.k", k, "must be at least 1")),
+            Self::Periodic { .. } => Ok(()),
+            Self::Bernoulli { p } if !(*p > 0.0 && *p <= 1.0) => {
+                Err(SamError::invalid("policy.bernoulli.p", p, "must be in (0, 1]"))
+            }
+            Self::Bernoulli { .. } => Ok(()),
+            Self::AeSam(config) => config.validate(),
+            Self::Variation(config) => config.validate(),
+        }
+    }
+
+    /// A short name for logs and telemetry.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Always => "always",
+            Self::Never => "never",
+            Self::Periodic { .. } => "periodic",
+            Self::Bernoulli { .. } => "bernoulli",
+            Self::AeSam(_) => "ae-sam",
+            Self::Variation(_) => "variation",
+        }
+    }
+}
+
+/// Statistics of a finished SAM step, over the last N parameter tensors.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PsfStats {
+    /// ‖PSF‖ = ‖g_s − g‖ over the last N tensors.
+    pub psf_norm: f64,
+    /// ‖PSF‖ / ‖g‖ over the last N tensors (0 when ‖g‖ = 0 there).
+    pub ratio: f64,
+}
+
+impl PsfStats {
+    /// Both values are finite and non-negative.
+    pub fn is_valid(&self) -> bool {
+        self.psf_norm.is_finite() && self.ratio.is_finite() && self.psf_norm >= 0.0 && self.ratio >= 0.0
+    }
+}
+
+/// The policy-specific part of a gate's state.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum PolicyState {
+    /// Policies without state of their own (always, never, periodic, bernoulli).
+    Stateless,
+    /// AE-SAM moving statistics.
+    AeSam(AeSamState),
+    /// vSAM window, quota and histories.
+    Variation(VariationState),
+}
+
+/// The complete, serializable state of a [`Gate`], RNG included.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct GateState {
+    /// Policy-specific state.
+    pub policy: PolicyState,
+    /// The random generator behind Bernoulli draws, at its current position.
+    pub rng: ChaCha8Rng,
+    /// Steps decided so far.
+    pub steps: u64,
+    /// Of those, steps decided as SAM steps.
+    pub sam_steps: u64,
+}
+
+/// A gating policy at run time: decides each step, learns from finished steps.
+#[derive(Clone, Debug)]
+pub struct Gate {
+    policy: GatePolicy,
+    state: GateState,
+}
+
+impl Gate {
+    /// Builds a gate; `seed` fixes every random draw it will make.
+    pub fn new(policy: GatePolicy, seed: u64) -> Result<Self> {
+        policy.validate()?;
+        let policy_state = match &policy {
+            GatePolicy::AeSam(_) => PolicyState::AeSam(AeSamState::default()),
+            GatePolicy::Variation(config) => PolicyState::Variation(VariationState::new(config)),
+            _ => PolicyState::Stateless,
+        };
+        Ok(Self {
+            state: GateState {
+                policy: policy_state,
+                rng: ChaCha8Rng::seed_from_u64(seed),
+                steps: 0,
+                sam_steps: 0,
+            },
+            policy,
+        })
+    }
+
+    /// Rebuilds a gate from a saved state; fails when the state belongs to another policy.
+    pub fn from_state(policy: GatePolicy, state: GateState) -> Result<Self> {
+        policy.validate()?;
+        let matches = matches!(
+            (&policy, &state.policy),
+            (GatePolicy::AeSam(_), PolicyState::AeSam(_))
+                | (GatePolicy::Variation(_), PolicyState::Variation(_))
+                | (
+                    GatePolicy::Always | GatePolicy::Never | GatePolicy::Periodic { .. } | GatePolicy::Bernoulli { .. },
+                    PolicyState::Stateless
+                )
+        );
+        if !matches {
+            return Err(SamError::RecordMismatch(format!(
+                "gate state {:?} does not belong to policy `{}`",
+                state_kind(&state.policy),
+                policy.name()
+            )));
+        }
+        if let (GatePolicy::Variation(config), PolicyState::Variation(variation)) = (&policy, &state.policy) {
+            let valid = variation.quota.is_finite()
+                && variation.quota >= 1.0
+                && variation.quota <= config.max_quota()
+                && variation.psf_norms.len() == config.window
+                && variation.ratios.len() == config.window;
+            if !valid {
+                return Err(SamError::RecordMismatch(format!(
+                    "variation state (quota {}, history lengths {}/{}) does not fit window {}",
+                    variation.quota,
+                    variation.psf_norms.len(),
+                    variation.ratios.len(),
+                    config.window
+                )));
+            }
+        }
+        Ok(Self { policy, state })
+    }
+
+    /// Decides whether the coming step runs the second pass. Call exactly once per step.
+    pub fn decide(&mut self) -> bool {
+        let state = &mut self.state;
+        let sam = match (&self.policy, &mut state.policy) {
+            (GatePolicy::Always, _) => true,
+            (GatePolicy::Never, _) => false,
+            (GatePolicy::Periodic { k }, _) => state.steps % *k as u64 == 0,
+            (GatePolicy::Bernoulli { p }, _) => state.rng.random::<f64>() < *p,
+            (GatePolicy::AeSam(config), PolicyState::AeSam(ae)) => ae.decide(config),
+            (GatePolicy::Variation(config), PolicyState::Variation(variation)) => {
+                variation.decide(config, &mut state.rng)
+            }
+            _ => unreachable!("policy and state kinds are checked at construction"),
+        };
+        state.steps += 1;
+        if sam {
+            state.sam_steps += 1;
+        }
+        sam
+    }
+
+    /// Tells the gate the statistics of a finished SAM step. Invalid (non-finite or negative)
+    /// statistics are ignored and `false` is returned.
+    pub fn observe_sam(&mut self, stats: PsfStats) -> bool {
+        if !stats.is_valid() {
+            return false;
+        }
+        if let (GatePolicy::Variation(config), PolicyState::Variation(variation)) =
+            (&self.policy, &mut self.state.policy)
+        {
+            variation.observe(config, stats);
+        }
+        true
+    }
+
+    /// Tells the gate ‖g‖² of a finished step (any kind). Non-finite values are ignored.
+    pub fn observe_grad_norm_sq(&mut self, grad_norm_sq: f64) {
+        if let (GatePolicy::AeSam(config), PolicyState::AeSam(ae)) = (&self.policy, &mut self.state.policy) {
+            ae.observe(config, grad_norm_sq);
+        }
+    }
+
+    /// Whether [`observe_grad_norm_sq`](Self::observe_grad_norm_sq) influences decisions, i.e.
+    /// whether the engine must read ‖g‖² back from the device.
+    pub fn wants_grad_norm(&self) -> bool {
+        matches!(self.policy, GatePolicy::AeSam(_))
+    }
+
+    /// Whether [`observe_sam`](Self::observe_sam) influences decisions.
+    pub fn wants_psf_stats(&self) -> bool {
+        matches!(self.policy, GatePolicy::Variation(_))
+    }
+
+    /// The policy this gate runs.
+    pub fn policy(&self) -> &GatePolicy {
+        &self.policy
+    }
+
+    /// The current state, for saving.
+    pub fn state(&self) -> &GateState {
+        &self.state
+    }
+
+    /// Steps decided so far.
+    pub fn steps(&self) -> u64 {
+        self.state.steps
+    }
+
+    /// Steps decided as SAM steps so far.
+    pub fn sam_steps(&self) -> u64 {
+        self.state.sam_steps
+    }
+
+    /// The vSAM quota s (SAM steps per window), for the variation policy.
+    pub fn quota(&self) -> Option<f64> {
+        match &self.state.policy {
+            PolicyState::Variation(variation) => Some(variation.quota),
+            _ => None,
+        }
+    }
+
+    /// Whether the vSAM gate is still in its all-SAM warm-up.
+    pub fn in_warmup(&self) -> bool {
+        matches!(&self.state.policy, PolicyState::Variation(v) if v.in_warmup())
+    }
+}
+
+fn state_kind(state: &PolicyState) -> &'static str {
+    match state {
+        PolicyState::Stateless => "stateless",
+        PolicyState::AeSam(_) => "ae-sam",
+        PolicyState::Variation(_) => "variation",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn run(policy: GatePolicy, seed: u64, steps: usize) -> Vec<bool> {
+        let mut gate = Gate::new(policy, seed).unwrap();
+        (0..steps).map(|_| gate.decide()).collect()
+    }
+
+    #[test]
+    fn always_never_periodic() {
+        assert!(run(GatePolicy::Always, 0, 20).iter().all(|&s| s));
+        assert!(run(GatePolicy::Never, 0, 20).iter().all(|&s| !s));
+        let periodic = run(GatePolicy::Periodic { k: 3 }, 0, 9);
+        assert_eq!(periodic, [true, false, false, true, false, false, true, false, false]);
+    }
+
+    #[test]
+    fn bernoulli_is_seeded_and_has_the_right_rate() {
+        let a = run(GatePolicy::Bernoulli { p: 0.3 }, 7, 10_000);
+        assert_eq!(a, run(GatePolicy::Bernoulli { p: 0.3 }, 7, 10_000));
+        assert_ne!(a, run(GatePolicy::Bernoulli { p: 0.3 }, 8, 10_000));
+        let rate = a.iter().filter(|&&s| s).count() as f64 / a.len() as f64;
+        assert!((rate - 0.3).abs() < 0.02, "{rate}");
+    }
+
+    #[test]
+    fn invalid_policies_name_their_field() {
+        let cases: Vec<(GatePolicy, &str)> = vec![
+            (GatePolicy::Periodic { k: 0 }, "policy.periodic.k"),
+            (GatePolicy::Bernoulli { p: 0.0 }, "policy.bernoulli.p"),
+            (GatePolicy::Bernoulli { p: f64::NAN }, "policy.bernoulli.p"),
+            (GatePolicy::AeSam(AeSamConfig::new(0)), "policy.ae_sam.total_steps"),
+            (GatePolicy::AeSam(AeSamConfig::new(5).with_delta(1.0)), "policy.ae_sam.delta"),
+            (GatePolicy::AeSam(AeSamConfig::new(5).with_c_end(f64::INFINITY)), "policy.ae_sam.c_end"),
+            (GatePolicy::Variation(VariationConfig::new().with_window(1)), "policy.variation.window"),
+            (GatePolicy::Variation(VariationConfig::new().with_blocks(7)), "policy.variation.blocks"),
+            (GatePolicy::Variation(VariationConfig::new().with_blocks(50)), "policy.variation.blocks"),
+            (GatePolicy::Variation(VariationConfig::new().with_max_fraction(1.5)), "policy.variation.max_fraction"),
+            (GatePolicy::Variation(VariationConfig::new().with_max_fraction(0.01)), "policy.variation.max_fraction"),
+            (GatePolicy::Variation(VariationConfig::new().with_alpha_ratio(f64::NAN)), "policy.variation.alpha_ratio"),
+            (
+                GatePolicy::Variation(VariationConfig::new().with_alpha_variance(f64::NEG_INFINITY)),
+                "policy.variation.alpha_variance",
+            ),
+            (GatePolicy::Variation(VariationConfig::new().with_initial_quota(0.5)), "policy.variation.initial_quota"),
+        ];
+        for (policy, field) in cases {
+            match Gate::new(policy.clone(), 0) {
+                Err(SamError::InvalidConfig { field: f, .. }) => assert_eq!(f, field, "{policy:?}"),
+                other => panic!("{policy:?} gave {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn state_round_trips_through_json_and_continues_identically() {
+        let policy = GatePolicy::Variation(VariationConfig::new().with_warmup_steps(20));
+        let mut gate = Gate::new(policy.clone(), 11).unwrap();
+        let drive = |gate: &mut Gate, steps: usize| -> Vec<bool> {
+            (0..steps)
+                .map(|_| {
+                    let sam = gate.decide();
+                    if sam {
+                        let norm = 1.01f64.powi(gate.sam_steps() as i32);
+                        gate.observe_sam(PsfStats { psf_norm: norm, ratio: norm / 10.0 });
+                    }
+                    sam
+                })
+                .collect()
+        };
+        drive(&mut gate, 300);
+        let json = serde_json::to_string(gate.state()).unwrap();
+        let mut restored = Gate::from_state(policy, serde_json::from_str(&json).unwrap()).unwrap();
+        let a = drive(&mut gate, 500);
+        let b = drive(&mut restored, 500);
+        assert_eq!(a, b);
+        assert_eq!(gate.state(), restored.state());
+    }
+
+    #[test]
+    fn state_of_another_policy_is_refused() {
+        let gate = Gate::new(GatePolicy::Always, 0).unwrap();
+        let err = Gate::from_state(GatePolicy::Variation(VariationConfig::new()), gate.state().clone()).unwrap_err();
+        assert!(err.to_string().contains("variation"), "{err}");
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+        #[test]
+        fn variation_fraction_stays_in_bounds(
+            seed in any::<u64>(),
+            stats in proptest::collection::vec((0.0f64..1e3, 0.0f64..10.0), 1..200),
+            zeros in any::<bool>(),
+        ) {
+            let config = VariationConfig::new().with_warmup_steps(50);
+            let mut gate = Gate::new(GatePolicy::Variation(config.clone()), seed).unwrap();
+            let mut sample = 0usize;
+            let mut window_count = 0usize;
+            let mut position = 0usize;
+            for step in 0..3_000usize {
+                let sam = gate.decide();
+                if sam {
+                    let (n, r) = if zeros && sample % 3 == 0 { (0.0, 0.0) } else { stats[sample % stats.len()] };
+                    gate.observe_sam(PsfStats { psf_norm: n, ratio: r });
+                    sample += 1;
+                }
+                let s = gate.quota().unwrap();
+                prop_assert!(s.is_finite() && (1.0..=40.0).contains(&s), "s = {}", s);
+                // Full windows start at post-warm-up iteration 50 (step 50 + 49).
+                if step >= 50 + 49 {
+                    window_count += usize::from(sam);
+                    position += 1;
+                    if position == 50 {
+                        let fraction = window_count as f64 / 50.0;
+                        prop_assert!((1.0 / 50.0..=0.8).contains(&fraction), "fraction {}", fraction);
+                        window_count = 0;
+                        position = 0;
+                    }
+                }
+            }
+        }
+    }
+}

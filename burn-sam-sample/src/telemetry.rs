@@ -1,0 +1,44 @@
+//! Per-step telemetry.
+
+use serde::{Deserialize, Serialize};
+
+/// What the last step did, and the totals of the run so far.
+///
+/// Reading it costs nothing: every field is already on the host.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct StepTelemetry {
+    /// Steps finished so far.
+    pub step: u64,
+    /// Whether the last step ran the second pass.
+    pub sam: bool,
+    /// Whether the last SAM step was skipped for a non-finite loss or gradient.
+    pub skipped: bool,
+    /// Gradient passes so far (one per step, two per SAM step).
+    pub passes: u64,
+    /// SAM steps so far.
+    pub sam_steps: u64,
+    /// SAM steps / steps so far.
+    pub sam_fraction: f64,
+    /// The vSAM quota s (SAM steps per window), for the variation gate.
+    pub quota: Option<f64>,
+    /// Whether the vSAM gate is still in its all-SAM warm-up.
+    pub warmup: bool,
+    /// ‖PSF‖ over the last N tensors at the last successful SAM step.
+    pub psf_norm: Option<f64>,
+    /// ‖PSF‖/‖g‖ over the last N tensors at the last successful SAM step.
+    pub psf_ratio: Option<f64>,
+    /// Steps with a non-finite loss or gradient known so far (cheap steps are counted on the
+    /// device and become known at the next SAM step or [`sync`](crate::SamEngine::sync_counters)).
+    pub non_finite_steps: u64,
+}
+
+impl StepTelemetry {
+    /// Mean gradient passes per step so far (1 for the base optimizer, 2 for SAM).
+    pub fn passes_per_step(&self) -> f64 {
+        if self.step == 0 {
+            0.0
+        } else {
+            self.passes as f64 / self.step as f64
+        }
+    }
+}
