@@ -49,6 +49,11 @@ impl EngineRecord {
         self.cache.len()
     }
 
+    /// The cached tensors (flattened, f32) by parameter id.
+    pub fn cache(&self) -> &[(u64, TensorData)] {
+        &self.cache
+    }
+
     /// Steps the engine had finished when the record was taken.
     pub fn steps(&self) -> u64 {
         self.state.counters.steps

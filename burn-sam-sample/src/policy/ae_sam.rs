@@ -122,6 +122,7 @@ mod tests {
         assert_eq!(config.threshold_multiplier(5), 0.0);
         assert_eq!(config.threshold_multiplier(50), 1.0);
 
+        let config = config.with_c_start(0.5).with_c_end(0.5);
         let mut state = AeSamState::default();
         assert!(state.decide(&config), "no observation yet: SAM");
         state.observe(&config, 1.0);
@@ -129,7 +130,7 @@ mod tests {
         state.observe(&config, 100.0);
         assert!(state.decide(&config), "a spike is sharp");
         state.observe(&config, 0.0);
-        assert!(!state.decide(&config), "a drop is flat at c = -0.6");
+        assert!(!state.decide(&config), "a drop below the mean is flat");
     }
 
     #[test]

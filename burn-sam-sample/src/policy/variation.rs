@@ -350,7 +350,8 @@ mod tests {
         assert_eq!(state.quota, 40.0);
 
         let mut state = VariationState::new(&cfg);
-        state.quota = 1.5;
+        // m_r = m_v = -0.5: 1.1 · (1 - 0.13) < 1.
+        state.quota = 1.1;
         state.ratios = (0..50).map(|i| 0.5f64.powi(i)).collect();
         state.variances = (0..50).map(|i| 0.5f64.powi(i)).collect();
         state.iteration = 50;

@@ -1,0 +1,156 @@
+//! Shared fixtures of the integration tests: the device, small models with fixed weights, and
+//! comparison helpers.
+
+pub mod reference {
+    #![allow(missing_docs, clippy::excessive_precision)]
+    include!("../reference/sam_reference_values.rs");
+}
+
+use burn::module::{Module, ModuleVisitor, Param, ParamId};
+use burn::nn::{BatchNorm, BatchNormConfig, Linear, LinearConfig};
+use burn::prelude::*;
+use burn::tensor::activation::tanh;
+
+/// The device every test runs on: the CPU backend selected by the features, with autodiff.
+pub fn device() -> Device {
+    burn_sam_sample::backend::cpu_device().autodiff()
+}
+
+/// Linear 3→4, tanh, Linear 4→2: the reference model of `reference/sam_reference.py`.
+#[derive(Module, Debug)]
+pub struct Mlp {
+    pub l1: Linear,
+    pub l2: Linear,
+}
+
+impl Mlp {
+    pub fn forward(&self, x: Tensor<2>) -> Tensor<2> {
+        self.l2.forward(tanh(self.l1.forward(x)))
+    }
+
+    /// The mean squared error on (x, y).
+    pub fn loss(&self, x: &Tensor<2>, y: &Tensor<2>) -> Tensor<1> {
+        (self.forward(x.clone()) - y.clone()).square().mean()
+    }
+}
+
+fn matrix<const R: usize, const C: usize>(rows: [[f64; C]; R], device: &Device) -> Tensor<2> {
+    let flat: Vec<f32> = rows.iter().flatten().map(|&v| v as f32).collect();
+    Tensor::<1>::from_floats(flat.as_slice(), device).reshape([R, C])
+}
+
+fn vector<const N: usize>(values: [f64; N], device: &Device) -> Tensor<1> {
+    let flat: Vec<f32> = values.iter().map(|&v| v as f32).collect();
+    Tensor::from_floats(flat.as_slice(), device)
+}
+
+fn linear(weight: Tensor<2>, bias: Tensor<1>, device: &Device) -> Linear {
+    let [d_in, d_out] = weight.dims();
+    let mut layer = LinearConfig::new(d_in, d_out).init(device);
+    layer.weight = Param::from_tensor(weight);
+    layer.bias = Some(Param::from_tensor(bias));
+    layer
+}
+
+/// The reference model with its initial weights, and the reference batch.
+pub fn reference_mlp(device: &Device) -> (Mlp, Tensor<2>, Tensor<2>) {
+    use reference::*;
+    let model = Mlp {
+        l1: linear(matrix(INIT_W1, device), vector(INIT_B1, device), device),
+        l2: linear(matrix(INIT_W2, device), vector(INIT_B2, device), device),
+    };
+    (model, matrix(X, device), matrix(Y, device))
+}
+
+/// Seeded normal values; tests draw from their own generator because the device's global one
+/// is shared between test threads.
+pub fn normal(seed: u64, len: usize) -> Vec<f32> {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    (0..len)
+        .map(|_| {
+            // Box-Muller from two uniforms.
+            let (u, v): (f32, f32) = (rng.random::<f32>().max(1e-7), rng.random());
+            (-2.0 * u.ln()).sqrt() * (std::f32::consts::TAU * v).cos()
+        })
+        .collect()
+}
+
+fn random_matrix(seed: u64, rows: usize, cols: usize, scale: f32, device: &Device) -> Tensor<2> {
+    let values: Vec<f32> = normal(seed, rows * cols).into_iter().map(|v| v * scale).collect();
+    Tensor::<1>::from_floats(values.as_slice(), device).reshape([rows, cols])
+}
+
+fn random_linear(seed: u64, d_in: usize, d_out: usize, device: &Device) -> Linear {
+    let scale = 1.0 / (d_in as f32).sqrt();
+    let bias = random_matrix(seed + 1, 1, d_out, scale, device).reshape([d_out]);
+    linear(random_matrix(seed, d_in, d_out, scale, device), bias, device)
+}
+
+/// A seeded random MLP 6 → 16 → 3.
+pub fn random_mlp(device: &Device, seed: u64) -> Mlp {
+    Mlp {
+        l1: random_linear(seed * 10, 6, 16, device),
+        l2: random_linear(seed * 10 + 5, 16, 3, device),
+    }
+}
+
+/// A seeded random regression batch for [`random_mlp`].
+pub fn random_batch(device: &Device, seed: u64) -> (Tensor<2>, Tensor<2>) {
+    (
+        random_matrix(seed * 7 + 1, 8, 6, 1.0, device),
+        random_matrix(seed * 7 + 2, 8, 3, 1.0, device),
+    )
+}
+
+/// Linear → BatchNorm → Linear, to check running statistics.
+#[derive(Module, Debug)]
+pub struct BnNet {
+    pub l1: Linear,
+    pub bn: BatchNorm,
+    pub l2: Linear,
+}
+
+impl BnNet {
+    pub fn new(device: &Device) -> Self {
+        Self {
+            l1: random_linear(50, 6, 8, device),
+            bn: BatchNormConfig::new(8).init(device),
+            l2: random_linear(60, 8, 3, device),
+        }
+    }
+
+    pub fn loss(&self, x: &Tensor<2>, y: &Tensor<2>) -> Tensor<1> {
+        let h = self.bn.forward(self.l1.forward(x.clone()));
+        (self.l2.forward(tanh(h)) - y.clone()).square().mean()
+    }
+}
+
+struct Collect(Vec<(ParamId, Vec<f32>)>);
+
+impl ModuleVisitor for Collect {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        let values = param.val().into_data().iter::<f32>().collect();
+        self.0.push((param.id, values));
+    }
+}
+
+/// Every float parameter (running states included), in module order, with its id.
+pub fn params<M: Module>(module: &M) -> Vec<(ParamId, Vec<f32>)> {
+    let mut visitor = Collect(Vec::new());
+    module.visit(&mut visitor);
+    visitor.0
+}
+
+/// The values of a tensor as f64.
+pub fn values<const D: usize>(tensor: Tensor<D>) -> Vec<f64> {
+    tensor.into_data().iter::<f32>().map(f64::from).collect()
+}
+
+/// Asserts element-wise `|a - b| <= tol`.
+pub fn assert_close(actual: &[f64], expected: &[f64], tol: f64, what: &str) {
+    assert_eq!(actual.len(), expected.len(), "{what}: length");
+    for (i, (a, e)) in actual.iter().zip(expected).enumerate() {
+        assert!((a - e).abs() <= tol, "{what}[{i}]: {a} vs {e} (tolerance {tol})");
+    }
+}

@@ -1,0 +1,193 @@
+//! Degenerate gates reduce exactly to the methods they stand for, and the reuse rule adds what
+//! it says.
+
+use burn::module::{Module, ModuleMapper, Param};
+use burn::optim::{momentum::MomentumConfig, decay::WeightDecayConfig, GradientsParams, ModuleOptimizer, SgdConfig};
+use burn::prelude::*;
+use burn_sam_sample::policy::GatePolicy;
+use burn_sam_sample::reuse::ReusePolicy;
+use burn_sam_sample::{SamConfig, SamEngine, SamError};
+use burn_sam_sample_tests::{device, params, random_batch, random_mlp, values, Mlp};
+
+const LR: f64 = 0.05;
+
+fn base() -> ModuleOptimizer {
+    SgdConfig::new()
+        .with_momentum(Some(MomentumConfig::new().with_momentum(0.9)))
+        .with_weight_decay(Some(WeightDecayConfig::new(1e-3)))
+        .init()
+}
+
+/// Plain SAM written out by hand, without the engine.
+struct Ascent {
+    grads: GradientsParams,
+    scale: Tensor<1>,
+}
+
+impl ModuleMapper for Ascent {
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+        let id = param.id;
+        match self.grads.get::<D>(id) {
+            Some(g) => param.map(|w| {
+                let scale = self.scale.clone().reshape([1; D]);
+                Tensor::from_inner(w.inner() + g * scale).require_grad()
+            }),
+            None => param,
+        }
+    }
+}
+
+fn hand_written_sam(mut model: Mlp, steps: usize, rho: f64) -> Mlp {
+    let device = device();
+    let mut optim = base();
+    for step in 0..steps {
+        let (x, y) = random_batch(&device, 100 + step as u64);
+        let grads = GradientsParams::from_grads(model.loss(&x, &y).backward(), &model);
+        let parts: Vec<Tensor<1>> = vec![
+            grads.get::<2>(model.l1.weight.id).unwrap().square().sum(),
+            grads.get::<1>(model.l1.bias.as_ref().unwrap().id).unwrap().square().sum(),
+            grads.get::<2>(model.l2.weight.id).unwrap().square().sum(),
+            grads.get::<1>(model.l2.bias.as_ref().unwrap().id).unwrap().square().sum(),
+        ];
+        let norm = Tensor::cat(parts, 0).sum().sqrt();
+        let scale = Tensor::<1>::full([1], rho, &device.clone().inner()) / norm.add_scalar(1e-12);
+        let perturbed = model.clone().map(&mut Ascent { grads, scale });
+        let sam_grads = GradientsParams::from_grads(perturbed.loss(&x, &y).backward(), &perturbed);
+        model = optim.step(LR, model, sam_grads);
+    }
+    model
+}
+
+fn engine_run(config: SamConfig, mut model: Mlp, steps: usize) -> Mlp {
+    let device = device();
+    let mut sam = config.init(base()).unwrap();
+    for step in 0..steps {
+        let (x, y) = random_batch(&device, 100 + step as u64);
+        model = sam.step(LR, model, |m: &Mlp| (m.loss(&x, &y), ())).0;
+    }
+    model
+}
+
+fn bits(model: &Mlp) -> Vec<Vec<u32>> {
+    params(model)
+        .into_iter()
+        .map(|(_, v)| v.into_iter().map(f32::to_bits).collect())
+        .collect()
+}
+
+#[test]
+fn always_gate_is_plain_sam_bit_for_bit() {
+    let device = device();
+    let model = random_mlp(&device, 1);
+    let expected = hand_written_sam(model.clone(), 10, 0.05);
+    let actual = engine_run(SamConfig::sam(), model, 10);
+    assert_eq!(bits(&actual), bits(&expected));
+}
+
+#[test]
+fn never_gate_is_the_base_optimizer_bit_for_bit() {
+    let device = device();
+    let mut expected = random_mlp(&device, 2);
+    let model = expected.clone();
+    let mut optim = base();
+    for step in 0..10 {
+        let (x, y) = random_batch(&device, 100 + step as u64);
+        let grads = GradientsParams::from_grads(expected.loss(&x, &y).backward(), &expected);
+        expected = optim.step(LR, expected, grads);
+    }
+    for reuse in [ReusePolicy::None, ReusePolicy::decayed_psf(), ReusePolicy::look_sam()] {
+        let actual = engine_run(SamConfig::base_only().with_reuse(reuse.clone()), model.clone(), 10);
+        assert_eq!(bits(&actual), bits(&expected), "{reuse:?}");
+    }
+}
+
+/// Runs the engine alone on a fixed module and batch; returns each step's direction for
+/// `l1.weight`, and the plain gradient.
+fn directions(config: SamConfig, steps: usize) -> (Vec<Vec<f64>>, Vec<f64>) {
+    let device = device();
+    let model = random_mlp(&device, 3);
+    let (x, y) = random_batch(&device, 4);
+    let id = model.l1.weight.id;
+    let plain = GradientsParams::from_grads(model.loss(&x, &y).backward(), &model);
+    let plain = values(plain.get::<2>(id).unwrap());
+    let mut engine = SamEngine::new(&config).unwrap();
+    let mut out = Vec::new();
+    for _ in 0..steps {
+        let loss = model.loss(&x, &y);
+        let grads = GradientsParams::from_grads(loss.backward(), &model);
+        let first = engine.first_pass(&model, grads, &loss);
+        let second = engine
+            .perturb(&model, &first)
+            .map(|p| GradientsParams::from_grads(p.loss(&x, &y).backward(), &p));
+        let direction = engine.finish(&model, first, second).unwrap();
+        out.push(values(direction.get::<2>(id).unwrap()));
+    }
+    (out, plain)
+}
+
+#[test]
+fn decayed_psf_adds_beta_powers_for_six_steps_then_nothing() {
+    let config = SamConfig::new()
+        .with_policy(GatePolicy::Periodic { k: 100 })
+        .with_reuse(ReusePolicy::DecayedPsf { beta: 0.7, max_reuse: 6 });
+    let (dirs, g) = directions(config, 10);
+    let psf: Vec<f64> = dirs[0].iter().zip(&g).map(|(gs, g)| gs - g).collect();
+    assert!(psf.iter().any(|v| v.abs() > 1e-6), "the PSF must not vanish");
+    for k in 1..=6 {
+        let weight = 0.7f64.powi(k);
+        for (i, d) in dirs[k as usize].iter().enumerate() {
+            let expected = g[i] + weight * psf[i];
+            assert!((d - expected).abs() < 1e-6, "k = {k}, [{i}]: {d} vs {expected}");
+        }
+    }
+    for k in 7..10 {
+        assert_eq!(dirs[k], g, "k = {k}: the PSF has expired");
+    }
+}
+
+#[test]
+fn no_reuse_cheap_steps_are_the_plain_gradient() {
+    let (dirs, g) = directions(SamConfig::rst(1e-9).with_seed(1), 4);
+    for d in &dirs {
+        assert_eq!(d, &g);
+    }
+}
+
+#[test]
+fn finishing_out_of_protocol_is_an_error() {
+    let device = device();
+    let model = random_mlp(&device, 3);
+    let (x, y) = random_batch(&device, 4);
+    let mut engine = SamEngine::new(&SamConfig::sam()).unwrap();
+    let loss = model.loss(&x, &y);
+    let first = engine.first_pass(&model, GradientsParams::from_grads(loss.backward(), &model), &loss);
+    assert!(matches!(engine.finish(&model, first, None), Err(SamError::Protocol(_))));
+
+    let mut engine = SamEngine::new(&SamConfig::base_only()).unwrap();
+    let loss = model.loss(&x, &y);
+    let first = engine.first_pass(&model, GradientsParams::from_grads(loss.backward(), &model), &loss);
+    let loss = model.loss(&x, &y);
+    let extra = GradientsParams::from_grads(loss.backward(), &model);
+    let err = engine.finish(&model, first, Some(extra)).unwrap_err();
+    assert!(err.to_string().contains("cheap step"), "{err}");
+}
+
+#[test]
+fn telemetry_counts_passes_and_fraction() {
+    let device = device();
+    let model = random_mlp(&device, 3);
+    let (x, y) = random_batch(&device, 4);
+    let mut sam = SamConfig::look_sam(4, 0.7).init(base()).unwrap();
+    let mut model = model;
+    let mut telemetry = None;
+    for _ in 0..8 {
+        let (next, out) = sam.step(LR, model, |m: &Mlp| (m.loss(&x, &y), ()));
+        model = next;
+        telemetry = Some(out.telemetry);
+    }
+    let t = telemetry.unwrap();
+    assert_eq!((t.step, t.sam_steps, t.passes), (8, 2, 10));
+    assert_eq!(t.sam_fraction, 0.25);
+    assert_eq!(t.passes_per_step(), 1.25);
+    assert!(t.psf_norm.unwrap() > 0.0 && t.psf_ratio.unwrap() > 0.0);
+}
