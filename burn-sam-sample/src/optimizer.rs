@@ -231,7 +231,7 @@ impl SamOptimizerRecord {
 
     /// Reads a record from a burnpack file.
     pub fn load(path: impl AsRef<std::path::Path>) -> Result<Self> {
-        Self::from_reader(Reader::from_file_exact(path).map_err(|e| SamError::CorruptRecord(e.to_string()))?)
+        Self::from_reader(Reader::from_bytes(crate::engine::read_file(path.as_ref())?).map_err(|e| SamError::CorruptRecord(e.to_string()))?)
     }
 }
 

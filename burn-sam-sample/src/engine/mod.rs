@@ -17,7 +17,7 @@ mod record;
 pub(crate) mod tensors;
 
 pub use record::EngineRecord;
-pub(crate) use record::{pack_tensor, read_all, STATE_KEY};
+pub(crate) use record::{pack_tensor, read_all, read_file, STATE_KEY};
 
 use std::collections::HashMap;
 

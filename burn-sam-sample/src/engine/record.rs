@@ -126,10 +126,18 @@ impl EngineRecord {
 
     /// Reads a record from a burnpack file written by [`save`](Self::save).
     pub fn load(path: impl AsRef<std::path::Path>) -> Result<Self> {
-        let reader = Reader::from_file_exact(path).map_err(|e| SamError::CorruptRecord(e.to_string()))?;
+        let reader = Reader::from_bytes(crate::engine::read_file(path.as_ref())?).map_err(|e| SamError::CorruptRecord(e.to_string()))?;
         let (mut tensors, metadata) = read_all(reader)?;
         Self::from_pack(&mut tensors, &metadata)
     }
+}
+
+/// Reads a whole record file into memory: the tensors must not stay backed by a file that a
+/// checkpoint rotation may delete or overwrite later.
+pub(crate) fn read_file(path: &std::path::Path) -> Result<Bytes> {
+    let bytes = std::fs::read(path)
+        .map_err(|e| SamError::Record(burn::store::RecordError::Io(format!("cannot read '{}': {e}", path.display()))))?;
+    Ok(Bytes::from_bytes_vec(bytes))
 }
 
 pub(crate) fn read_all(reader: Reader) -> Result<(BTreeMap<String, burn_pack::Tensor>, BTreeMap<String, String>)> {
