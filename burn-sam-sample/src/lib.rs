@@ -33,3 +33,8 @@ pub use optimizer::{SamOptimizer, SamOptimizerRecord, StepOutput};
 pub use telemetry::StepTelemetry;
 
 pub use burn;
+
+/// The README's code blocks, compiled and run as doc tests.
+#[cfg(doctest)]
+#[doc = include_str!("../../README.md")]
+pub struct ReadmeDoctests;

@@ -1,0 +1,33 @@
+//! Pieces shared by the examples: a seeded synthetic task and small helpers.
+
+use burn::prelude::*;
+use rand::{Rng, SeedableRng};
+
+/// Three interleaved noisy spirals in the plane: a small task where a smooth decision boundary
+/// generalizes better than a sharp one.
+pub fn spirals(points_per_class: usize, noise: f32, seed: u64, device: &Device) -> (Tensor<2>, Tensor<1, Int>) {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut xs = Vec::with_capacity(points_per_class * 3 * 2);
+    let mut ys = Vec::with_capacity(points_per_class * 3);
+    for class in 0..3 {
+        for i in 0..points_per_class {
+            let r = i as f32 / points_per_class as f32;
+            let angle = class as f32 * 2.094 + r * 4.0 + noise * (rng.random::<f32>() - 0.5) * 2.0;
+            xs.push(r * angle.sin());
+            xs.push(r * angle.cos());
+            ys.push(class as i64);
+        }
+    }
+    let n = ys.len();
+    (
+        Tensor::<1>::from_floats(xs.as_slice(), device).reshape([n, 2]),
+        Tensor::<1, Int>::from_ints(ys.as_slice(), device),
+    )
+}
+
+/// Fraction of rows of `logits` whose arg-max equals `labels`.
+pub fn accuracy(logits: Tensor<2>, labels: Tensor<1, Int>) -> f64 {
+    let n = labels.dims()[0] as f64;
+    let correct: i64 = logits.argmax(1).squeeze_dim::<1>(1).equal(labels).int().sum().into_scalar();
+    correct as f64 / n
+}
