@@ -14,24 +14,24 @@
 //! together); none on cheap steps, except AE-SAM's ‖g‖² of the previous step.
 
 mod record;
+mod step;
 pub(crate) mod tensors;
 
 pub use record::EngineRecord;
 pub(crate) use record::{pack_tensor, read_all, read_file, STATE_KEY};
-
-use std::collections::HashMap;
+pub use step::FirstPass;
+pub(crate) use step::ReuseCache;
 
 use burn::module::{Module, ParamId};
 use burn::optim::GradientsParams;
-use burn::tensor::{Bool, DType, Device, Shape, Tensor};
+use burn::tensor::{Shape, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::config::SamConfig;
 use crate::error::{Result, SamError};
 use crate::policy::{Gate, PsfStats};
-use crate::reuse::{CheapTerm, ReusePolicy};
+use crate::reuse::CheapTerm;
 use crate::telemetry::StepTelemetry;
-use tensors::{square_sum, sum_parts, Collected};
 
 /// Running totals kept by the engine.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -47,38 +47,9 @@ pub struct Counters {
     pub non_finite_steps: u64,
 }
 
-/// What a SAM step stores for the cheap steps after it, per `ParamId`, in f32.
-#[derive(Clone, Debug, Default)]
-pub(crate) struct ReuseCache {
-    pub tensors: HashMap<ParamId, Tensor<1>>,
-    /// ‖g_v‖ for LookSAM's norm matching.
-    pub norm: Option<Tensor<1>>,
-}
-
-/// The result of the first pass of a step, to hand back to [`SamEngine::perturb`] and
-/// [`SamEngine::finish`].
-#[derive(Debug)]
-pub struct FirstPass {
-    sam: bool,
-    collected: Collected,
-    grad_sq_parts: Vec<Tensor<1>>,
-    grad_sq: Tensor<1>,
-    loss: Tensor<1>,
-    skip: Tensor<1, Bool>,
-    device: Device,
-}
-
-impl FirstPass {
-    /// Whether the gate chose a SAM step (a second pass is expected).
-    pub fn is_sam(&self) -> bool {
-        self.sam
-    }
-}
-
 /// Gate, PSF cache and tensor work of the SAM family, without a base optimizer.
 ///
-/// [`SamOptimizer`](crate::SamOptimizer) combines it with a base optimizer for custom loops; the
-/// Learner integration drives it from a train step.
+/// [`SamOptimizer`](crate::SamOptimizer) combines it with a base optimizer for custom loops.
 #[derive(Clone, Debug)]
 pub struct SamEngine {
     config: SamConfig,
@@ -130,37 +101,13 @@ impl SamEngine {
 
     /// Step 1: takes the pass-1 gradients and loss of `module`, and decides the step.
     pub fn first_pass<M: Module>(&mut self, module: &M, grads: GradientsParams, loss: &Tensor<1>) -> FirstPass {
-        self.feed_lagged_grad_norm();
-        let sam = self.gate.decide();
-        let asam_eta = (sam && self.config.adaptive).then_some(self.config.adaptive_eta);
-        let collected = tensors::collect(module, grads, sam, asam_eta);
-        let device = collected
-            .grads
-            .first()
-            .map(|flat| flat.grad.device())
-            .unwrap_or_else(|| loss.device());
-        let needs_norm = sam
-            || self.config.guard_non_finite
-            || self.gate.wants_grad_norm()
-            || matches!(self.config.reuse, ReusePolicy::LookSam { .. });
-        let grad_sq_parts: Vec<Tensor<1>> = if needs_norm {
-            collected.grads.iter().map(|flat| square_sum(&flat.grad)).collect()
-        } else {
-            Vec::new()
-        };
-        let grad_sq = sum_parts(&grad_sq_parts, &device);
-        let loss = loss.clone().inner().cast(DType::F32).sum().to_device(&device);
-        let skip = grad_sq.clone().is_finite().bool_and(loss.clone().is_finite()).bool_not();
-        self.manifest = collected.grads.iter().map(|flat| (flat.id, flat.shape.clone())).collect();
-        FirstPass {
-            sam,
-            collected,
-            grad_sq_parts,
-            grad_sq,
-            loss,
-            skip,
-            device,
+        if let Some(grad_sq) = self.pending_grad_sq.take() {
+            self.gate.observe_grad_norm_sq(grad_sq.into_scalar::<f32>() as f64);
         }
+        let sam = self.gate.decide();
+        let first = step::first_pass(&self.config, module, grads, loss, sam, self.gate.wants_grad_norm());
+        self.manifest = first.manifest();
+        first
     }
 
     /// Step 2: the perturbed module `w + ε` for a SAM step, `None` for a cheap step.
@@ -169,18 +116,7 @@ impl SamEngine {
     /// without a gradient are left as they are; its BatchNorm running statistics are separate
     /// from `module`'s, so the second pass does not update them. `module` is not modified.
     pub fn perturb<M: Module>(&self, module: &M, first: &FirstPass) -> Option<M> {
-        if !first.sam {
-            return None;
-        }
-        let norm_sq = if self.config.adaptive {
-            sum_parts(&first.collected.scaled_sq, &first.device)
-        } else {
-            first.grad_sq.clone()
-        };
-        let rho = Tensor::<1>::full([1], self.config.rho, (&first.device, DType::F32));
-        let scale = rho / norm_sq.sqrt().add_scalar(self.config.eps);
-        let asam_eta = self.config.adaptive.then_some(self.config.adaptive_eta);
-        Some(tensors::perturbed_clone(module, &first.collected, &scale, &first.skip, asam_eta))
+        step::perturb(&self.config, module, first)
     }
 
     /// Step 3: the direction for the base optimizer.
@@ -209,192 +145,58 @@ impl SamEngine {
 
     fn finish_cheap<M: Module>(&mut self, module: &M, first: FirstPass) -> GradientsParams {
         self.since_cache = self.since_cache.saturating_add(1);
-        let term = if self.cache.tensors.is_empty() {
+        let term = if self.cache.is_empty() {
             CheapTerm::Plain
         } else {
             self.config.reuse.cheap_term(self.since_cache)
         };
-        let norm_matched = match (term, &self.cache.norm) {
-            (CheapTerm::NormMatched(alpha), Some(cache_norm)) => Some(
-                first
-                    .grad_sq
-                    .clone()
-                    .sqrt()
-                    .mul_scalar(alpha)
-                    .div(cache_norm.clone().to_device(&first.device).add_scalar(self.config.eps)),
-            ),
-            _ => None,
-        };
-        let guard = self.config.guard_non_finite;
-        let directions = first
-            .collected
-            .grads
-            .into_iter()
-            .map(|flat| {
-                let cached = self.cache.tensors.get(&flat.id);
-                let mut direction = match (term, cached) {
-                    (CheapTerm::Scaled(weight), Some(cached)) => {
-                        let dtype = flat.grad.dtype();
-                        (flat.grad.cast(DType::F32) + cached.clone().mul_scalar(weight)).cast(dtype)
-                    }
-                    (CheapTerm::NormMatched(_), Some(cached)) => {
-                        let dtype = flat.grad.dtype();
-                        let coefficient = norm_matched.clone().expect("set with the norm-matched term");
-                        let coefficient = coefficient.to_device(&cached.device());
-                        (flat.grad.cast(DType::F32) + cached.clone() * coefficient).cast(dtype)
-                    }
-                    _ => flat.grad,
-                };
-                if guard {
-                    let skip = first.skip.clone().to_device(&direction.device()).expand(flat.shape.clone().flatten());
-                    direction = direction.mask_fill(skip, 0.0);
-                }
-                (flat.id, direction, flat.shape)
-            })
-            .collect();
-        if guard {
-            let bad = first.skip.clone().float().cast(DType::F32);
+        if self.config.guard_non_finite {
+            let flag = first.non_finite_flag();
             self.device_non_finite = Some(match self.device_non_finite.take() {
-                Some(count) => count + bad,
-                None => bad,
+                Some(count) => count + flag,
+                None => flag,
             });
         }
         if self.gate.wants_grad_norm() {
-            self.pending_grad_sq = Some(first.grad_sq);
+            self.pending_grad_sq = Some(first.grad_sq.clone());
         }
+        let direction = step::cheap_direction(&self.config, module, first, term, &self.cache);
         self.counters.steps += 1;
         self.counters.passes += 1;
         self.last_sam = false;
         self.last_skipped = false;
-        tensors::into_gradients(module, directions)
+        direction
     }
 
     fn finish_sam<M: Module>(&mut self, module: &M, first: FirstPass, second: GradientsParams) -> GradientsParams {
-        let FirstPass {
-            collected,
-            grad_sq_parts,
-            grad_sq,
-            loss,
-            device,
-            ..
-        } = first;
-        let mut second: HashMap<ParamId, Tensor<1>> = tensors::collect(module, second, false, None)
-            .grads
-            .into_iter()
-            .map(|flat| (flat.id, flat.grad))
-            .collect();
-        let look_sam = matches!(self.config.reuse, ReusePolicy::LookSam { .. });
-
-        let mut pairs = Vec::with_capacity(collected.grads.len());
-        let mut psf_sq_parts = Vec::with_capacity(collected.grads.len());
-        let mut dot_parts = Vec::new();
-        for flat in collected.grads {
-            // A parameter that took no part in the perturbed pass has no sharpness term.
-            let sam_grad = second.remove(&flat.id).unwrap_or_else(|| flat.grad.clone());
-            let grad32 = flat.grad.clone().cast(DType::F32);
-            let sam32 = sam_grad.clone().cast(DType::F32);
-            if look_sam {
-                dot_parts.push((grad32.clone() * sam32.clone()).sum());
-            }
-            let psf = sam32 - grad32;
-            psf_sq_parts.push(square_sum(&psf));
-            pairs.push((flat, sam_grad, psf));
-        }
-        let tail = pairs.len().saturating_sub(self.config.stats_last_n);
-        let readback = Tensor::cat(
-            vec![
-                grad_sq,
-                sum_parts(&grad_sq_parts[tail..], &device),
-                sum_parts(&psf_sq_parts[tail..], &device),
-                sum_parts(&psf_sq_parts, &device),
-                loss,
-                sum_parts(&dot_parts, &device),
-                self.device_non_finite
-                    .take()
-                    .map(|count| count.to_device(&device))
-                    .unwrap_or_else(|| Tensor::zeros([1], (&device, DType::F32))),
-            ],
-            0,
-        );
-        let values: Vec<f64> = readback
-            .into_data()
-            .iter::<f32>()
-            .map(f64::from)
-            .collect();
-        let [grad_sq, grad_tail_sq, psf_tail_sq, psf_sq, loss, dot, cheap_non_finite] = values[..] else {
-            unreachable!("seven statistics were concatenated")
-        };
-        self.record_cheap_non_finite(cheap_non_finite);
-
+        let outcome = step::evaluate_sam(&self.config, module, first, second, self.device_non_finite.take());
+        let readback = outcome.readback;
+        self.record_cheap_non_finite(readback.cheap_non_finite);
         let step = self.counters.steps;
-        let first_ok = grad_sq.is_finite() && loss.is_finite();
-        let second_ok = psf_sq.is_finite();
-        let directions = if first_ok && second_ok {
-            let psf_norm = psf_tail_sq.sqrt();
-            let grad_tail = grad_tail_sq.sqrt();
-            let ratio = if grad_tail > 0.0 { psf_norm / grad_tail } else { 0.0 };
-            let stats = PsfStats { psf_norm, ratio };
+        if readback.second_ok() {
+            let stats = readback.stats();
             self.gate.observe_sam(stats);
-            self.gate.observe_grad_norm_sq(grad_sq);
+            self.gate.observe_grad_norm_sq(readback.grad_sq);
             self.last_stats = Some(stats);
             self.last_skipped = false;
-            let projection = if grad_sq > 0.0 { dot / grad_sq } else { 0.0 };
-            self.store_cache(&pairs, projection, &device);
-            pairs
-                .into_iter()
-                .map(|(flat, sam_grad, _)| (flat.id, sam_grad, flat.shape))
-                .collect()
+            if let Some(tensors) = outcome.cache_tensors(&self.config.reuse) {
+                self.cache = ReuseCache::new(tensors, &self.config.reuse, &outcome.order(), &outcome.device);
+                self.since_cache = 0;
+            }
         } else {
             self.counters.non_finite_steps += 1;
             self.last_skipped = true;
-            if first_ok {
-                log::warn!(
-                    "step {step}: the second-pass gradient is not finite; the first-pass gradient is \
-                     used, nothing is cached and the gate statistics are unchanged"
-                );
-                self.gate.observe_grad_norm_sq(grad_sq);
-                pairs.into_iter().map(|(flat, _, _)| (flat.id, flat.grad, flat.shape)).collect()
-            } else {
-                log::warn!(
-                    "step {step}: the loss ({loss}) or gradient (‖g‖² = {grad_sq}) is not finite; \
-                     no perturbation, the update is zeroed, nothing is cached and the gate \
-                     statistics are unchanged"
-                );
-                pairs
-                    .into_iter()
-                    .map(|(flat, _, _)| (flat.id, flat.grad.zeros_like(), flat.shape))
-                    .collect()
+            warn_skipped(step, &readback);
+            if readback.first_ok() {
+                self.gate.observe_grad_norm_sq(readback.grad_sq);
             }
-        };
+        }
         self.pending_grad_sq = None;
         self.counters.steps += 1;
         self.counters.sam_steps += 1;
         self.counters.passes += 2;
         self.last_sam = true;
-        tensors::into_gradients(module, directions)
-    }
-
-    fn store_cache(&mut self, pairs: &[(tensors::FlatGrad, Tensor<1>, Tensor<1>)], projection: f64, device: &Device) {
-        match self.config.reuse {
-            ReusePolicy::None => return,
-            ReusePolicy::DecayedPsf { .. } => {
-                self.cache.tensors = pairs.iter().map(|(flat, _, psf)| (flat.id, psf.clone())).collect();
-                self.cache.norm = None;
-            }
-            ReusePolicy::LookSam { .. } => {
-                let orthogonal: Vec<(ParamId, Tensor<1>)> = pairs
-                    .iter()
-                    .map(|(flat, sam_grad, _)| {
-                        let g = flat.grad.clone().cast(DType::F32);
-                        (flat.id, sam_grad.clone().cast(DType::F32) - g.mul_scalar(projection))
-                    })
-                    .collect();
-                let parts: Vec<Tensor<1>> = orthogonal.iter().map(|(_, t)| square_sum(t)).collect();
-                self.cache.norm = Some(sum_parts(&parts, device).sqrt());
-                self.cache.tensors = orthogonal.into_iter().collect();
-            }
-        }
-        self.since_cache = 0;
+        outcome.direction(module)
     }
 
     fn record_cheap_non_finite(&mut self, count: f64) {
@@ -406,13 +208,6 @@ impl SamEngine {
                 self.counters.steps
             );
             self.counters.non_finite_steps += count;
-        }
-    }
-
-    fn feed_lagged_grad_norm(&mut self) {
-        if let Some(grad_sq) = self.pending_grad_sq.take() {
-            let value = grad_sq.into_scalar::<f32>() as f64;
-            self.gate.observe_grad_norm_sq(value);
         }
     }
 
@@ -441,5 +236,22 @@ impl SamEngine {
             psf_ratio: self.last_stats.map(|s| s.ratio),
             non_finite_steps: c.non_finite_steps,
         }
+    }
+}
+
+/// Logs a SAM step whose loss or gradient was not finite, and what was done instead.
+pub(crate) fn warn_skipped(step: u64, readback: &step::Readback) {
+    if readback.first_ok() {
+        log::warn!(
+            "step {step}: the second-pass gradient is not finite; the first-pass gradient is used, \
+             nothing is cached and the gate statistics are unchanged"
+        );
+    } else {
+        log::warn!(
+            "step {step}: the loss ({}) or gradient (‖g‖² = {}) is not finite; no perturbation, the \
+             update is zeroed, nothing is cached and the gate statistics are unchanged",
+            readback.loss,
+            readback.grad_sq
+        );
     }
 }

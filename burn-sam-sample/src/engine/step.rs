@@ -1,0 +1,334 @@
+//! The tensor work of one step, free of engine state: measuring the first pass, building the
+//! perturbed clone, forming the direction of a cheap step, and evaluating a SAM step.
+//!
+//! The single-device [`SamEngine`](super::SamEngine) and the Learner integration both drive
+//! these functions and differ only in how they keep state between steps.
+
+use std::collections::HashMap;
+
+use burn::module::{Module, ParamId};
+use burn::optim::GradientsParams;
+use burn::tensor::{Bool, DType, Device, Shape, Tensor};
+
+use super::tensors::{self, square_sum, sum_parts, Collected, FlatGrad};
+use crate::config::SamConfig;
+use crate::policy::PsfStats;
+use crate::reuse::{CheapTerm, ReusePolicy};
+
+/// The result of the first pass of a step, to hand back to the engine's `perturb` and `finish`.
+#[derive(Debug)]
+pub struct FirstPass {
+    pub(crate) sam: bool,
+    pub(crate) collected: Collected,
+    grad_sq_parts: Vec<Tensor<1>>,
+    pub(crate) grad_sq: Tensor<1>,
+    loss: Tensor<1>,
+    skip: Tensor<1, Bool>,
+    pub(crate) device: Device,
+}
+
+impl FirstPass {
+    /// Whether the gate chose a SAM step (a second pass is expected).
+    pub fn is_sam(&self) -> bool {
+        self.sam
+    }
+
+    /// The parameters with a gradient, in module order, with their shapes.
+    pub(crate) fn manifest(&self) -> Vec<(ParamId, Shape)> {
+        self.collected.grads.iter().map(|flat| (flat.id, flat.shape.clone())).collect()
+    }
+
+    /// 1.0 when the loss or the gradient is not finite, else 0.0 (f32, on the device).
+    pub(crate) fn non_finite_flag(&self) -> Tensor<1> {
+        self.skip.clone().float().cast(DType::F32)
+    }
+}
+
+/// What a SAM step stores for the cheap steps after it, per `ParamId`, in f32.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct ReuseCache {
+    pub tensors: HashMap<ParamId, Tensor<1>>,
+    /// ‖cache‖ for LookSAM's norm matching.
+    pub norm: Option<Tensor<1>>,
+}
+
+impl ReuseCache {
+    /// A cache holding `tensors`, with the norm LookSAM needs.
+    pub fn new(tensors: HashMap<ParamId, Tensor<1>>, reuse: &ReusePolicy, order: &[ParamId], device: &Device) -> Self {
+        let norm = matches!(reuse, ReusePolicy::LookSam { .. }).then(|| {
+            let parts: Vec<Tensor<1>> = order.iter().filter_map(|id| tensors.get(id)).map(square_sum).collect();
+            sum_parts(&parts, device).sqrt()
+        });
+        Self { tensors, norm }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.tensors.is_empty()
+    }
+}
+
+/// Takes the pass-1 gradients and loss; computes ‖g‖² on the device when needed.
+pub(crate) fn first_pass<M: Module>(
+    config: &SamConfig,
+    module: &M,
+    grads: GradientsParams,
+    loss: &Tensor<1>,
+    sam: bool,
+    wants_grad_norm: bool,
+) -> FirstPass {
+    let asam_eta = (sam && config.adaptive).then_some(config.adaptive_eta);
+    let collected = tensors::collect(module, grads, sam, asam_eta);
+    let device = collected
+        .grads
+        .first()
+        .map(|flat| flat.grad.device())
+        .unwrap_or_else(|| loss.device());
+    let needs_norm = sam
+        || config.guard_non_finite
+        || wants_grad_norm
+        || matches!(config.reuse, ReusePolicy::LookSam { .. });
+    let grad_sq_parts: Vec<Tensor<1>> = if needs_norm {
+        collected.grads.iter().map(|flat| square_sum(&flat.grad)).collect()
+    } else {
+        Vec::new()
+    };
+    let grad_sq = sum_parts(&grad_sq_parts, &device);
+    let loss = loss.clone().inner().cast(DType::F32).sum().to_device(&device);
+    let skip = grad_sq.clone().is_finite().bool_and(loss.clone().is_finite()).bool_not();
+    FirstPass {
+        sam,
+        collected,
+        grad_sq_parts,
+        grad_sq,
+        loss,
+        skip,
+        device,
+    }
+}
+
+/// The perturbed module `w + ε` for a SAM step, `None` for a cheap step.
+pub(crate) fn perturb<M: Module>(config: &SamConfig, module: &M, first: &FirstPass) -> Option<M> {
+    if !first.sam {
+        return None;
+    }
+    let norm_sq = if config.adaptive {
+        sum_parts(&first.collected.scaled_sq, &first.device)
+    } else {
+        first.grad_sq.clone()
+    };
+    let rho = Tensor::<1>::full([1], config.rho, (&first.device, DType::F32));
+    let scale = rho / norm_sq.sqrt().add_scalar(config.eps);
+    let asam_eta = config.adaptive.then_some(config.adaptive_eta);
+    Some(tensors::perturbed_clone(module, &first.collected, &scale, &first.skip, asam_eta))
+}
+
+/// The direction of a cheap step: `g` plus the reuse `term` over `cache`, zeroed on the device
+/// when the loss or gradient is not finite (if guarded).
+pub(crate) fn cheap_direction<M: Module>(
+    config: &SamConfig,
+    module: &M,
+    first: FirstPass,
+    term: CheapTerm,
+    cache: &ReuseCache,
+) -> GradientsParams {
+    let norm_matched = match (term, &cache.norm) {
+        (CheapTerm::NormMatched(alpha), Some(cache_norm)) => Some(
+            first
+                .grad_sq
+                .clone()
+                .sqrt()
+                .mul_scalar(alpha)
+                .div(cache_norm.clone().to_device(&first.device).add_scalar(config.eps)),
+        ),
+        _ => None,
+    };
+    let guard = config.guard_non_finite;
+    let directions = first
+        .collected
+        .grads
+        .into_iter()
+        .map(|flat| {
+            let dtype = flat.grad.dtype();
+            let device = flat.grad.device();
+            let cached = cache.tensors.get(&flat.id).map(|t| t.clone().to_device(&device));
+            let mut direction = match (term, cached, &norm_matched) {
+                (CheapTerm::Scaled(weight), Some(cached), _) => {
+                    (flat.grad.cast(DType::F32) + cached.mul_scalar(weight)).cast(dtype)
+                }
+                (CheapTerm::NormMatched(_), Some(cached), Some(coefficient)) => {
+                    (flat.grad.cast(DType::F32) + cached * coefficient.clone().to_device(&device)).cast(dtype)
+                }
+                _ => flat.grad,
+            };
+            if guard {
+                let skip = first.skip.clone().to_device(&device).expand([flat.shape.num_elements()]);
+                direction = direction.mask_fill(skip, 0.0);
+            }
+            (flat.id, direction, flat.shape)
+        })
+        .collect();
+    tensors::into_gradients(module, directions)
+}
+
+/// The host values of a SAM step, read in one transfer.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Readback {
+    pub grad_sq: f64,
+    grad_tail_sq: f64,
+    psf_tail_sq: f64,
+    psf_sq: f64,
+    pub loss: f64,
+    dot: f64,
+    /// Sum of the non-finite flags handed in (cheap steps since the last read).
+    pub cheap_non_finite: f64,
+}
+
+impl Readback {
+    /// The loss and the first-pass gradient are finite.
+    pub fn first_ok(&self) -> bool {
+        self.grad_sq.is_finite() && self.loss.is_finite()
+    }
+
+    /// The second-pass gradient is finite too.
+    pub fn second_ok(&self) -> bool {
+        self.first_ok() && self.psf_sq.is_finite()
+    }
+
+    /// ‖PSF‖ and ‖PSF‖/‖g‖ over the last N tensors (ratio 0 when that ‖g‖ is 0).
+    pub fn stats(&self) -> PsfStats {
+        let psf_norm = self.psf_tail_sq.sqrt();
+        let grad_tail = self.grad_tail_sq.sqrt();
+        let ratio = if grad_tail > 0.0 { psf_norm / grad_tail } else { 0.0 };
+        PsfStats { psf_norm, ratio }
+    }
+}
+
+/// A SAM step after its second pass: per parameter (g, g_s, PSF) and the host values.
+pub(crate) struct SamOutcome {
+    pairs: Vec<(FlatGrad, Tensor<1>, Tensor<1>)>,
+    pub readback: Readback,
+    pub device: Device,
+}
+
+/// Evaluates a SAM step: PSF per parameter, the statistics, and one read of the host values.
+/// `cheap_flags` (non-finite flags of earlier cheap steps) rides along in the same read.
+pub(crate) fn evaluate_sam<M: Module>(
+    config: &SamConfig,
+    module: &M,
+    first: FirstPass,
+    second: GradientsParams,
+    cheap_flags: Option<Tensor<1>>,
+) -> SamOutcome {
+    let FirstPass {
+        collected,
+        grad_sq_parts,
+        grad_sq,
+        loss,
+        device,
+        ..
+    } = first;
+    let mut second: HashMap<ParamId, Tensor<1>> = tensors::collect(module, second, false, None)
+        .grads
+        .into_iter()
+        .map(|flat| (flat.id, flat.grad))
+        .collect();
+    let look_sam = matches!(config.reuse, ReusePolicy::LookSam { .. });
+
+    let mut pairs = Vec::with_capacity(collected.grads.len());
+    let mut psf_sq_parts = Vec::with_capacity(collected.grads.len());
+    let mut dot_parts = Vec::new();
+    for flat in collected.grads {
+        // A parameter that took no part in the perturbed pass has no sharpness term.
+        let sam_grad = second.remove(&flat.id).unwrap_or_else(|| flat.grad.clone());
+        let grad32 = flat.grad.clone().cast(DType::F32);
+        let sam32 = sam_grad.clone().cast(DType::F32);
+        if look_sam {
+            dot_parts.push((grad32.clone() * sam32.clone()).sum());
+        }
+        let psf = sam32 - grad32;
+        psf_sq_parts.push(square_sum(&psf));
+        pairs.push((flat, sam_grad, psf));
+    }
+    let tail = pairs.len().saturating_sub(config.stats_last_n);
+    let readback = Tensor::cat(
+        vec![
+            grad_sq,
+            sum_parts(&grad_sq_parts[tail..], &device),
+            sum_parts(&psf_sq_parts[tail..], &device),
+            sum_parts(&psf_sq_parts, &device),
+            loss,
+            sum_parts(&dot_parts, &device),
+            cheap_flags
+                .map(|flags| flags.to_device(&device))
+                .unwrap_or_else(|| Tensor::zeros([1], (&device, DType::F32))),
+        ],
+        0,
+    );
+    let values: Vec<f64> = readback.into_data().iter::<f32>().map(f64::from).collect();
+    let [grad_sq, grad_tail_sq, psf_tail_sq, psf_sq, loss, dot, cheap_non_finite] = values[..] else {
+        unreachable!("seven statistics were concatenated")
+    };
+    SamOutcome {
+        pairs,
+        readback: Readback {
+            grad_sq,
+            grad_tail_sq,
+            psf_tail_sq,
+            psf_sq,
+            loss,
+            dot,
+            cheap_non_finite,
+        },
+        device,
+    }
+}
+
+impl SamOutcome {
+    /// What this step contributes to the reuse cache (f32, per parameter): the PSF for
+    /// `DecayedPsf`, the part of g_s orthogonal to g for `LookSam`, nothing for `None`.
+    /// Only meaningful when [`Readback::second_ok`].
+    pub fn cache_tensors(&self, reuse: &ReusePolicy) -> Option<HashMap<ParamId, Tensor<1>>> {
+        match reuse {
+            ReusePolicy::None => None,
+            ReusePolicy::DecayedPsf { .. } => Some(self.pairs.iter().map(|(flat, _, psf)| (flat.id, psf.clone())).collect()),
+            ReusePolicy::LookSam { .. } => {
+                let r = &self.readback;
+                let projection = if r.grad_sq > 0.0 { r.dot / r.grad_sq } else { 0.0 };
+                Some(
+                    self.pairs
+                        .iter()
+                        .map(|(flat, sam_grad, _)| {
+                            let g = flat.grad.clone().cast(DType::F32);
+                            (flat.id, sam_grad.clone().cast(DType::F32) - g.mul_scalar(projection))
+                        })
+                        .collect(),
+                )
+            }
+        }
+    }
+
+    /// Parameter order of this step.
+    pub fn order(&self) -> Vec<ParamId> {
+        self.pairs.iter().map(|(flat, _, _)| flat.id).collect()
+    }
+
+    /// The direction: g_s when both passes are finite, g when only the first is, else zeros.
+    pub fn direction<M: Module>(self, module: &M) -> GradientsParams {
+        let (first_ok, second_ok) = (self.readback.first_ok(), self.readback.second_ok());
+        let directions = self
+            .pairs
+            .into_iter()
+            .map(|(flat, sam_grad, _)| {
+                let direction = if second_ok {
+                    sam_grad
+                } else if first_ok {
+                    flat.grad
+                } else {
+                    flat.grad.zeros_like()
+                };
+                (flat.id, direction, flat.shape)
+            })
+            .collect();
+        tensors::into_gradients(module, directions)
+    }
+}
