@@ -20,7 +20,7 @@ pub(crate) mod tensors;
 pub use record::EngineRecord;
 pub(crate) use record::{pack_tensor, read_all, read_file, STATE_KEY};
 pub use step::FirstPass;
-pub(crate) use step::ReuseCache;
+pub(crate) use step::{cheap_direction, evaluate_sam, perturb, ReuseCache, SamOutcome};
 
 use burn::module::{Module, ParamId};
 use burn::optim::GradientsParams;
@@ -36,15 +36,32 @@ use crate::telemetry::StepTelemetry;
 /// Running totals kept by the engine.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Counters {
-    /// Steps finished.
+    /// Steps finished (train steps: with gradient accumulation or several devices, one per
+    /// micro-batch or device).
     pub steps: u64,
     /// Of those, SAM steps (second pass run).
     pub sam_steps: u64,
     /// Gradient passes run (one per step, two per SAM step).
     pub passes: u64,
+    /// Gate decisions taken (optimizer steps); equals `steps` in a custom loop.
+    pub rounds: u64,
     /// Steps whose loss or gradient was not finite, as known on the host so far (cheap steps are
     /// counted on the device and read at the next SAM step or record).
     pub non_finite_steps: u64,
+}
+
+/// One gate decision and what the steps under it reported. A custom loop has one step per
+/// round; the Learner integration has one per micro-batch and device of an optimizer step.
+#[derive(Clone, Debug)]
+pub(crate) struct Round {
+    pub sam: bool,
+    pub term: CheapTerm,
+    cache_sum: Option<(std::collections::HashMap<ParamId, Tensor<1>>, Vec<ParamId>, burn::tensor::Device)>,
+    contributions: u32,
+    stats: Vec<PsfStats>,
+    grad_sq_host: Vec<f64>,
+    grad_sq_device: Option<Tensor<1>>,
+    grad_sq_count: u32,
 }
 
 /// Gate, PSF cache and tensor work of the SAM family, without a base optimizer.
@@ -63,6 +80,7 @@ pub struct SamEngine {
     last_sam: bool,
     last_skipped: bool,
     manifest: Vec<(ParamId, Shape)>,
+    round: Option<Round>,
 }
 
 impl SamEngine {
@@ -81,6 +99,7 @@ impl SamEngine {
             last_sam: false,
             last_skipped: false,
             manifest: Vec::new(),
+            round: None,
         })
     }
 
@@ -101,13 +120,9 @@ impl SamEngine {
 
     /// Step 1: takes the pass-1 gradients and loss of `module`, and decides the step.
     pub fn first_pass<M: Module>(&mut self, module: &M, grads: GradientsParams, loss: &Tensor<1>) -> FirstPass {
-        if let Some(grad_sq) = self.pending_grad_sq.take() {
-            self.gate.observe_grad_norm_sq(grad_sq.into_scalar::<f32>() as f64);
-        }
-        let sam = self.gate.decide();
-        let first = step::first_pass(&self.config, module, grads, loss, sam, self.gate.wants_grad_norm());
-        self.manifest = first.manifest();
-        first
+        self.round = None;
+        let sam = self.ensure_round();
+        self.first_pass_in(sam, module, grads, loss)
     }
 
     /// Step 2: the perturbed module `w + ε` for a SAM step, `None` for a cheap step.
@@ -129,74 +144,208 @@ impl SamEngine {
         first: FirstPass,
         second: Option<GradientsParams>,
     ) -> Result<GradientsParams> {
-        match (first.sam, second) {
-            (true, Some(second)) => Ok(self.finish_sam(module, first, second)),
-            (false, None) => Ok(self.finish_cheap(module, first)),
-            (true, None) => Err(SamError::Protocol(format!(
-                "step {} is a SAM step: `finish` needs the second-pass gradients",
-                self.counters.steps
-            ))),
-            (false, Some(_)) => Err(SamError::Protocol(format!(
-                "step {} is a cheap step: `finish` expects no second-pass gradients",
-                self.counters.steps
-            ))),
+        match (&self.round, first.sam, &second) {
+            (Some(round), true, Some(_)) | (Some(round), false, None) if round.sam == first.sam => {}
+            (None, ..) => {
+                return Err(SamError::Protocol(format!(
+                    "step {}: `finish` without a matching `first_pass`",
+                    self.counters.steps
+                )))
+            }
+            (_, true, _) => {
+                return Err(SamError::Protocol(format!(
+                    "step {} is a SAM step: `finish` needs the second-pass gradients",
+                    self.counters.steps
+                )))
+            }
+            (_, false, _) => {
+                return Err(SamError::Protocol(format!(
+                    "step {} is a cheap step: `finish` expects no second-pass gradients",
+                    self.counters.steps
+                )))
+            }
         }
+        let direction = match second {
+            Some(second) => {
+                let flags = self.take_non_finite_flags();
+                let outcome = step::evaluate_sam(&self.config, module, first, second, flags);
+                self.record_sam(&outcome);
+                outcome.direction(module)
+            }
+            None => {
+                let term = self.cheap_term();
+                self.record_cheap(&first);
+                step::cheap_direction(&self.config, module, first, term, &self.cache)
+            }
+        };
+        self.end_round();
+        Ok(direction)
     }
 
-    fn finish_cheap<M: Module>(&mut self, module: &M, first: FirstPass) -> GradientsParams {
-        self.since_cache = self.since_cache.saturating_add(1);
-        let term = if self.cache.is_empty() {
+    /// Decides a new round unless one is open; returns its decision. The lagged ‖g‖² is fed to
+    /// the gate first.
+    pub(crate) fn ensure_round(&mut self) -> bool {
+        if let Some(round) = &self.round {
+            return round.sam;
+        }
+        if let Some(grad_sq) = self.pending_grad_sq.take() {
+            self.gate.observe_grad_norm_sq(grad_sq.into_scalar::<f32>() as f64);
+        }
+        let sam = self.gate.decide();
+        let term = if sam || self.cache.is_empty() {
             CheapTerm::Plain
         } else {
-            self.config.reuse.cheap_term(self.since_cache)
+            self.config.reuse.cheap_term(self.since_cache.saturating_add(1))
         };
+        self.round = Some(Round {
+            sam,
+            term,
+            cache_sum: None,
+            contributions: 0,
+            stats: Vec::new(),
+            grad_sq_host: Vec::new(),
+            grad_sq_device: None,
+            grad_sq_count: 0,
+        });
+        sam
+    }
+
+    /// What cheap steps of the open round add to their gradient.
+    pub(crate) fn cheap_term(&self) -> CheapTerm {
+        self.round.as_ref().map_or(CheapTerm::Plain, |round| round.term)
+    }
+
+    /// The first pass of one step under the open round's decision `sam`.
+    pub(crate) fn first_pass_in<M: Module>(
+        &mut self,
+        sam: bool,
+        module: &M,
+        grads: GradientsParams,
+        loss: &Tensor<1>,
+    ) -> FirstPass {
+        let first = step::first_pass(&self.config, module, grads, loss, sam, self.gate.wants_grad_norm());
+        self.manifest = first.manifest();
+        first
+    }
+
+    /// The cache cheap steps of the current round read.
+    pub(crate) fn cache(&self) -> &ReuseCache {
+        &self.cache
+    }
+
+    /// Takes the device-side non-finite flags of earlier cheap steps, to read with a SAM step.
+    pub(crate) fn take_non_finite_flags(&mut self) -> Option<Tensor<1>> {
+        self.device_non_finite.take()
+    }
+
+    /// Books a cheap step of `round` (no host read).
+    pub(crate) fn record_cheap(&mut self, first: &FirstPass) -> StepTelemetry {
         if self.config.guard_non_finite {
             let flag = first.non_finite_flag();
             self.device_non_finite = Some(match self.device_non_finite.take() {
-                Some(count) => count + flag,
+                Some(count) => {
+                    let device = count.device();
+                    count + flag.to_device(&device)
+                }
                 None => flag,
             });
         }
+        let round = self.round.as_mut().expect("a round is open while its steps run");
         if self.gate.wants_grad_norm() {
-            self.pending_grad_sq = Some(first.grad_sq.clone());
+            let grad_sq = first.grad_sq.clone();
+            round.grad_sq_device = Some(match round.grad_sq_device.take() {
+                Some(sum) => sum.clone() + grad_sq.to_device(&sum.device()),
+                None => grad_sq,
+            });
+            round.grad_sq_count += 1;
         }
-        let direction = step::cheap_direction(&self.config, module, first, term, &self.cache);
         self.counters.steps += 1;
         self.counters.passes += 1;
         self.last_sam = false;
         self.last_skipped = false;
-        direction
+        self.telemetry()
     }
 
-    fn finish_sam<M: Module>(&mut self, module: &M, first: FirstPass, second: GradientsParams) -> GradientsParams {
-        let outcome = step::evaluate_sam(&self.config, module, first, second, self.device_non_finite.take());
+    /// Books a SAM step of `round` from its evaluated outcome.
+    pub(crate) fn record_sam(&mut self, outcome: &SamOutcome) -> StepTelemetry {
         let readback = outcome.readback;
         self.record_cheap_non_finite(readback.cheap_non_finite);
-        let step = self.counters.steps;
+        let round = self.round.as_mut().expect("a round is open while its steps run");
         if readback.second_ok() {
-            let stats = readback.stats();
-            self.gate.observe_sam(stats);
-            self.gate.observe_grad_norm_sq(readback.grad_sq);
-            self.last_stats = Some(stats);
-            self.last_skipped = false;
+            round.stats.push(readback.stats());
+            round.grad_sq_host.push(readback.grad_sq);
             if let Some(tensors) = outcome.cache_tensors(&self.config.reuse) {
-                self.cache = ReuseCache::new(tensors, &self.config.reuse, &outcome.order(), &outcome.device);
-                self.since_cache = 0;
+                round.contributions += 1;
+                round.cache_sum = Some(match round.cache_sum.take() {
+                    None => (tensors, outcome.order(), outcome.device.clone()),
+                    Some((mut sum, order, device)) => {
+                        for (id, tensor) in tensors {
+                            let tensor = tensor.to_device(&device);
+                            let total = match sum.remove(&id) {
+                                Some(previous) => previous + tensor,
+                                None => tensor,
+                            };
+                            sum.insert(id, total);
+                        }
+                        (sum, order, device)
+                    }
+                });
             }
+            self.last_stats = Some(readback.stats());
+            self.last_skipped = false;
         } else {
+            warn_skipped(self.counters.steps, &readback);
+            if readback.first_ok() {
+                round.grad_sq_host.push(readback.grad_sq);
+            }
             self.counters.non_finite_steps += 1;
             self.last_skipped = true;
-            warn_skipped(step, &readback);
-            if readback.first_ok() {
-                self.gate.observe_grad_norm_sq(readback.grad_sq);
-            }
         }
-        self.pending_grad_sq = None;
         self.counters.steps += 1;
         self.counters.sam_steps += 1;
         self.counters.passes += 2;
         self.last_sam = true;
-        outcome.direction(module)
+        self.telemetry()
+    }
+
+    /// Closes a round: the cache becomes the mean of the round's contributions, the gate learns
+    /// the mean of its statistics.
+    pub(crate) fn end_round(&mut self) {
+        let Some(round) = self.round.take() else {
+            return;
+        };
+        self.counters.rounds += 1;
+        if let Some((sum, order, device)) = round.cache_sum {
+            let tensors = if round.contributions > 1 {
+                let scale = 1.0 / round.contributions as f64;
+                sum.into_iter().map(|(id, t)| (id, t.mul_scalar(scale))).collect()
+            } else {
+                sum
+            };
+            self.cache = ReuseCache::new(tensors, &self.config.reuse, &order, &device);
+            self.since_cache = 0;
+        } else if !round.sam {
+            self.since_cache = self.since_cache.saturating_add(1);
+        }
+        if !round.stats.is_empty() {
+            let n = round.stats.len() as f64;
+            let mean = PsfStats {
+                psf_norm: round.stats.iter().map(|s| s.psf_norm).sum::<f64>() / n,
+                ratio: round.stats.iter().map(|s| s.ratio).sum::<f64>() / n,
+            };
+            self.gate.observe_sam(mean);
+        }
+        if !round.grad_sq_host.is_empty() {
+            let mean = round.grad_sq_host.iter().sum::<f64>() / round.grad_sq_host.len() as f64;
+            self.gate.observe_grad_norm_sq(mean);
+            self.pending_grad_sq = None;
+        } else if let Some(sum) = round.grad_sq_device {
+            self.pending_grad_sq = Some(if round.grad_sq_count > 1 {
+                sum.div_scalar(round.grad_sq_count as f64)
+            } else {
+                sum
+            });
+        }
     }
 
     fn record_cheap_non_finite(&mut self, count: f64) {
