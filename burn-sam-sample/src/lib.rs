@@ -22,6 +22,8 @@ mod config;
 mod engine;
 mod error;
 mod optimizer;
+#[cfg(feature = "train")]
+pub mod learner;
 pub mod policy;
 pub mod reuse;
 mod telemetry;

@@ -20,7 +20,7 @@ pub(crate) mod tensors;
 pub use record::EngineRecord;
 pub(crate) use record::{pack_tensor, read_all, read_file, STATE_KEY};
 pub use step::FirstPass;
-pub(crate) use step::{cheap_direction, evaluate_sam, perturb, ReuseCache, SamOutcome};
+pub(crate) use step::{cheap_direction, evaluate_sam, first_pass as step_first_pass, perturb, ReuseCache, SamOutcome};
 
 use burn::module::{Module, ParamId};
 use burn::optim::GradientsParams;
@@ -62,6 +62,21 @@ pub(crate) struct Round {
     grad_sq_host: Vec<f64>,
     grad_sq_device: Option<Tensor<1>>,
     grad_sq_count: u32,
+}
+
+impl Round {
+    fn closed() -> Self {
+        Self {
+            sam: true,
+            term: CheapTerm::Plain,
+            cache_sum: None,
+            contributions: 0,
+            stats: Vec::new(),
+            grad_sq_host: Vec::new(),
+            grad_sq_device: None,
+            grad_sq_count: 0,
+        }
+    }
 }
 
 /// Gate, PSF cache and tensor work of the SAM family, without a base optimizer.
@@ -197,16 +212,7 @@ impl SamEngine {
         } else {
             self.config.reuse.cheap_term(self.since_cache.saturating_add(1))
         };
-        self.round = Some(Round {
-            sam,
-            term,
-            cache_sum: None,
-            contributions: 0,
-            stats: Vec::new(),
-            grad_sq_host: Vec::new(),
-            grad_sq_device: None,
-            grad_sq_count: 0,
-        });
+        self.round = Some(Round { sam, term, ..Round::closed() });
         sam
     }
 
@@ -226,6 +232,11 @@ impl SamEngine {
         let first = step::first_pass(&self.config, module, grads, loss, sam, self.gate.wants_grad_norm());
         self.manifest = first.manifest();
         first
+    }
+
+    /// Records the parameters of the last step, for saving.
+    pub(crate) fn set_manifest(&mut self, manifest: Vec<(ParamId, Shape)>) {
+        self.manifest = manifest;
     }
 
     /// The cache cheap steps of the current round read.
@@ -250,11 +261,13 @@ impl SamEngine {
                 None => flag,
             });
         }
-        let round = self.round.as_mut().expect("a round is open while its steps run");
-        if self.gate.wants_grad_norm() {
+        if let (Some(round), true) = (self.round.as_mut(), self.gate.wants_grad_norm()) {
             let grad_sq = first.grad_sq.clone();
             round.grad_sq_device = Some(match round.grad_sq_device.take() {
-                Some(sum) => sum.clone() + grad_sq.to_device(&sum.device()),
+                Some(sum) => {
+                    let device = sum.device();
+                    sum + grad_sq.to_device(&device)
+                }
                 None => grad_sq,
             });
             round.grad_sq_count += 1;
@@ -270,7 +283,12 @@ impl SamEngine {
     pub(crate) fn record_sam(&mut self, outcome: &SamOutcome) -> StepTelemetry {
         let readback = outcome.readback;
         self.record_cheap_non_finite(readback.cheap_non_finite);
-        let round = self.round.as_mut().expect("a round is open while its steps run");
+        let mut detached = None;
+        let round = match self.round.as_mut() {
+            Some(round) => round,
+            // Steps outside any round (only after misuse) are booked but teach nothing.
+            None => detached.get_or_insert(Round::closed()),
+        };
         if readback.second_ok() {
             round.stats.push(readback.stats());
             round.grad_sq_host.push(readback.grad_sq);

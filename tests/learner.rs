@@ -1,0 +1,363 @@
+//! The Learner integration: metrics, exact checkpoint resume, equivalence with the custom loop,
+//! gradient accumulation and multiple devices.
+#![cfg(feature = "train")]
+
+use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use burn::data::dataloader::batcher::Batcher;
+use burn::data::dataloader::{DataLoader, DataLoaderBuilder};
+use burn::data::dataset::InMemDataset;
+use burn::lr_scheduler::module_lr_scheduler::ModuleLearningRate;
+use burn::module::Module;
+use burn::nn::loss::CrossEntropyLossConfig;
+use burn::nn::{Linear, LinearConfig};
+use burn::optim::{momentum::MomentumConfig, GradientsParams, ModuleOptimizer, MultiGradientsParams, SgdConfig};
+use burn::prelude::*;
+use burn::tensor::activation::relu;
+use burn::train::checkpoint::KeepLastNCheckpoints;
+use burn::train::metric::{AccuracyMetric, LossMetric};
+use burn::train::{
+    ClassificationOutput, ExecutionStrategy, InferenceStep, Learner, MultiDeviceOptim, SupervisedTraining,
+    TrainOutput, TrainStep,
+};
+use burn_sam_sample::learner::{
+    GradientPassesMetric, PsfRatioMetric, SamFractionMetric, SamHandle, SamOutput, SamQuotaMetric, SamTrainingExt,
+};
+use burn_sam_sample::policy::{GatePolicy, VariationConfig};
+use burn_sam_sample::SamConfig;
+use burn_sam_sample_tests::{device, normal, params};
+
+const BATCH: usize = 16;
+const TRAIN_ITEMS: usize = 96; // 6 steps per epoch
+const LR: f64 = 0.05;
+
+#[derive(Clone, Debug)]
+struct Item {
+    x: [f32; 2],
+    y: i64,
+}
+
+#[derive(Clone, Debug)]
+struct Batch {
+    x: Tensor<2>,
+    y: Tensor<1, Int>,
+}
+
+struct ItemBatcher;
+
+impl Batcher<Item, Batch> for ItemBatcher {
+    fn batch(&self, items: Vec<Item>, device: &Device) -> Batch {
+        let n = items.len();
+        let xs: Vec<f32> = items.iter().flat_map(|item| item.x).collect();
+        let ys: Vec<i64> = items.iter().map(|item| item.y).collect();
+        Batch {
+            x: Tensor::<1>::from_floats(xs.as_slice(), device).reshape([n, 2]),
+            y: Tensor::<1, Int>::from_ints(ys.as_slice(), device),
+        }
+    }
+}
+
+fn items(count: usize, seed: u64) -> Vec<Item> {
+    let noise = normal(seed, count * 2);
+    (0..count)
+        .map(|i| {
+            let class = (i % 3) as i64;
+            let angle = class as f32 * 2.1 + (i / 3) as f32 * 0.05;
+            Item {
+                x: [angle.cos() + 0.3 * noise[2 * i], angle.sin() + 0.3 * noise[2 * i + 1]],
+                y: class,
+            }
+        })
+        .collect()
+}
+
+type Loader = Arc<dyn DataLoader<Batch>>;
+
+fn loaders() -> (Loader, Loader) {
+    let train = DataLoaderBuilder::new(ItemBatcher)
+        .batch_size(BATCH)
+        .build(InMemDataset::new(items(TRAIN_ITEMS, 1)));
+    let valid = DataLoaderBuilder::new(ItemBatcher).batch_size(BATCH).build(InMemDataset::new(items(32, 2)));
+    (train, valid)
+}
+
+/// A user's model: the SAM handle and two test probes live in skipped fields.
+#[derive(Module, Debug)]
+struct Net {
+    l1: Linear,
+    l2: Linear,
+    #[module(skip)]
+    sam: SamHandle,
+    #[module(skip)]
+    forward_calls: Arc<AtomicUsize>,
+    #[module(skip)]
+    decisions: Arc<Mutex<Vec<bool>>>,
+}
+
+impl Net {
+    fn new(device: &Device, config: &SamConfig) -> Self {
+        let weights = |seed: u64, rows: usize, cols: usize| {
+            Tensor::<1>::from_floats(normal(seed, rows * cols).as_slice(), device)
+                .reshape([rows, cols])
+                .mul_scalar(0.5)
+        };
+        // Weights and biases from the tests' own generator: the device's is shared by test threads.
+        let layer = |seed: u64, rows: usize, cols: usize| {
+            let mut layer = LinearConfig::new(rows, cols).init(device);
+            layer.weight = burn::module::Param::from_tensor(weights(seed, rows, cols));
+            layer.bias = Some(burn::module::Param::from_tensor(weights(seed + 100, 1, cols).reshape([cols])));
+            layer
+        };
+        let (l1, l2) = (layer(10, 2, 16), layer(11, 16, 3));
+        Self {
+            l1,
+            l2,
+            sam: SamHandle::new(config).unwrap(),
+            forward_calls: Arc::default(),
+            decisions: Arc::default(),
+        }
+    }
+
+    fn classify(&self, batch: Batch) -> ClassificationOutput {
+        let logits = self.l2.forward(relu(self.l1.forward(batch.x)));
+        let loss = CrossEntropyLossConfig::new().init(&logits.device()).forward(logits.clone(), batch.y.clone());
+        ClassificationOutput::new(loss, logits, batch.y)
+    }
+}
+
+impl TrainStep for Net {
+    type Input = Batch;
+    type Output = SamOutput<ClassificationOutput>;
+
+    fn step(&self, batch: Batch) -> TrainOutput<Self::Output> {
+        let out = self.sam.train_step(self, batch, |model, batch| {
+            model.forward_calls.fetch_add(1, Ordering::SeqCst);
+            let out = model.classify(batch);
+            (out.loss.clone(), out)
+        });
+        self.decisions.lock().unwrap().push(out.item.telemetry.sam);
+        out
+    }
+
+    fn optimize(self, optim: &mut ModuleOptimizer, lr: ModuleLearningRate, grads: GradientsParams) -> Self {
+        self.sam.clone().optimize(self, optim, lr, grads)
+    }
+
+    fn optimize_multi(self, optim: &mut ModuleOptimizer, lr: ModuleLearningRate, grads: MultiGradientsParams) -> Self {
+        self.sam.clone().optimize_multi(self, optim, lr, grads)
+    }
+}
+
+impl InferenceStep for Net {
+    type Input = Batch;
+    type Output = ClassificationOutput;
+
+    fn step(&self, batch: Batch) -> ClassificationOutput {
+        self.classify(batch)
+    }
+}
+
+fn base() -> ModuleOptimizer {
+    SgdConfig::new()
+        .with_momentum(Some(MomentumConfig::new().with_momentum(0.9).with_dampening(0.0)))
+        .init()
+}
+
+fn vsam() -> SamConfig {
+    let variation = VariationConfig::new().with_window(4).with_blocks(2).with_warmup_steps(3);
+    SamConfig::new().with_policy(GatePolicy::Variation(variation)).with_seed(7)
+}
+
+fn training(dir: &Path, epochs: usize) -> SupervisedTraining<Net> {
+    let (train, valid) = loaders();
+    SupervisedTraining::new(dir, train, valid)
+        .num_epochs(epochs)
+        .metrics((AccuracyMetric::new(), LossMetric::new()))
+        .metric_train_numeric(SamFractionMetric::new())
+        .metric_train_numeric(GradientPassesMetric::new())
+        .metric_train_numeric(SamQuotaMetric::new())
+        .metric_train_numeric(PsfRatioMetric::new())
+        .with_application_logger(None)
+}
+
+/// The per-step values a metric logged for an epoch, and its epoch value.
+fn logged(dir: &Path, epoch: usize, metric: &str) -> (Vec<f64>, Option<f64>) {
+    let path = dir.join("train").join(format!("epoch-{epoch}")).join(format!("{metric}.log"));
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let (mut steps, mut epoch_value) = (Vec::new(), None);
+    for line in text.lines() {
+        let value = line.split(',').next().unwrap().parse::<f64>().unwrap();
+        if line.ends_with(",final") {
+            epoch_value = Some(value);
+        } else {
+            steps.push(value);
+        }
+    }
+    (steps, epoch_value)
+}
+
+fn logged_values(dir: &Path, epoch: usize, metric: &str) -> Vec<f64> {
+    logged(dir, epoch, metric).0
+}
+
+fn weight_bits(model: &Net) -> Vec<Vec<u32>> {
+    params(model)
+        .into_iter()
+        .map(|(_, v)| v.into_iter().map(f32::to_bits).collect())
+        .collect()
+}
+
+#[test]
+fn two_epochs_log_sam_metrics_that_match_the_passes_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let device = device();
+    let model = Net::new(&device, &vsam());
+    let (calls, decisions, handle) = (model.forward_calls.clone(), model.decisions.clone(), model.sam.clone());
+    let result = training(dir.path(), 2).launch(Learner::new(model, base(), LR));
+    assert!(result.error.is_none(), "{:?}", result.error);
+
+    let steps = 2 * TRAIN_ITEMS / BATCH;
+    let second_passes = calls.load(Ordering::SeqCst) - steps;
+    let sam_logged: f64 = (1..=2).flat_map(|e| logged_values(dir.path(), e, "SAM_Fraction")).sum();
+    assert_eq!(sam_logged as usize, second_passes, "SAM-fraction metric vs second passes counted");
+    let passes: f64 = (1..=2).flat_map(|e| logged_values(dir.path(), e, "Gradient_Passes")).sum();
+    assert_eq!(passes as usize, steps + second_passes);
+    assert_eq!(decisions.lock().unwrap().iter().filter(|&&d| d).count(), second_passes);
+    for epoch in 1..=2 {
+        let (per_step, fraction) = logged(dir.path(), epoch, "SAM_Fraction");
+        let expected = per_step.iter().sum::<f64>() / per_step.len() as f64;
+        assert_eq!(fraction, Some(expected), "epoch {epoch}: the epoch value is the epoch's fraction");
+    }
+    assert!(second_passes >= 3 && second_passes < steps, "warm-up plus gating: {second_passes} of {steps}");
+    let quota = logged_values(dir.path(), 2, "SAM_Quota");
+    assert!(quota.iter().all(|&s| s >= 1.0), "{quota:?}");
+    assert!(logged_values(dir.path(), 2, "PSF_Ratio").iter().any(|&r| r > 0.0));
+    let telemetry = handle.telemetry();
+    assert_eq!((telemetry.step as usize, telemetry.sam_steps as usize), (steps, second_passes));
+    assert_eq!(telemetry.step, handle.engine().counters().rounds, "one decision per optimizer step");
+}
+
+#[test]
+fn resuming_from_a_checkpoint_is_exact() {
+    let device = device();
+    let straight_dir = tempfile::tempdir().unwrap();
+    let straight = Net::new(&device, &vsam());
+    let straight_decisions = straight.decisions.clone();
+    let handle = straight.sam.clone();
+    let straight = training(straight_dir.path(), 3)
+        .with_sam_checkpointing(straight_dir.path(), &handle, KeepLastNCheckpoints::new(3))
+        .launch(Learner::new(straight, base(), LR))
+        .model;
+
+    let dir = tempfile::tempdir().unwrap();
+    let first = Net::new(&device, &vsam());
+    let mut decisions = first.decisions.clone();
+    let handle = first.sam.clone();
+    training(dir.path(), 2)
+        .with_sam_checkpointing(dir.path(), &handle, KeepLastNCheckpoints::new(3))
+        .launch(Learner::new(first, base(), LR));
+    let mut all = decisions.lock().unwrap().clone();
+
+    // A new process would build a fresh model and handle, then resume from checkpoint 2.
+    let fresh = Net::new(&device, &vsam());
+    decisions = fresh.decisions.clone();
+    let handle = fresh.sam.clone();
+    let resumed = training(dir.path(), 3)
+        .checkpoint(2)
+        .with_sam_checkpointing(dir.path(), &handle, KeepLastNCheckpoints::new(3))
+        .launch(Learner::new(fresh, base(), LR))
+        .model;
+    all.extend(decisions.lock().unwrap().iter());
+    assert_eq!(handle.telemetry().step as usize, 3 * TRAIN_ITEMS / BATCH, "the SAM state was restored");
+
+    assert_eq!(all, *straight_decisions.lock().unwrap(), "gate decisions");
+    assert!(all.contains(&true) && all.contains(&false));
+    assert_eq!(weight_bits(&resumed), weight_bits(&straight), "final weights");
+    assert!(dir.path().join("checkpoint").join("optim-2.bpk").exists());
+}
+
+#[test]
+fn a_checkpoint_without_the_wrapped_strategy_fails_loudly() {
+    let dir = tempfile::tempdir().unwrap();
+    let device = device();
+    let model = Net::new(&device, &vsam());
+    let handle = model.sam.clone();
+    let checkpoints = dir.path().join("checkpoint");
+    let result = training(dir.path(), 1)
+        .with_custom_checkpointers(
+            burn::train::checkpoint::FileCheckpointer::new(&checkpoints, "model"),
+            burn_sam_sample::learner::SamCheckpointer::new(&checkpoints, "optim", &handle),
+            burn::train::checkpoint::FileCheckpointer::new(&checkpoints, "scheduler"),
+        )
+        .with_checkpointing_strategy(KeepLastNCheckpoints::new(1))
+        .launch(Learner::new(model, base(), LR));
+    let error = result.error.map(|e| e.to_string()).unwrap_or_default();
+    assert!(error.contains("no SAM snapshot for epoch 1"), "{error:?}");
+}
+
+#[test]
+fn the_always_gate_in_the_learner_is_the_custom_loop_sam() {
+    let dir = tempfile::tempdir().unwrap();
+    let device = device();
+    let model = Net::new(&device, &SamConfig::sam());
+    let initial = model.clone();
+    let learned = training(dir.path(), 1).launch(Learner::new(model, base(), LR)).model;
+
+    let mut optim = SamConfig::sam().init(base()).unwrap();
+    let mut model = Net { sam: SamHandle::new(&SamConfig::sam()).unwrap(), ..initial };
+    let (train, _) = loaders();
+    for batch in train.to_device(&device).iter() {
+        let batch = batch.unwrap();
+        model = optim
+            .step(LR, model, |m: &Net| {
+                let out = m.classify(batch.clone());
+                (out.loss, ())
+            })
+            .0;
+    }
+    assert_eq!(optim.telemetry().sam_steps, (TRAIN_ITEMS / BATCH) as u64);
+    assert_eq!(weight_bits(&learned), weight_bits(&model));
+}
+
+fn pairs_agree(decisions: &[bool]) -> bool {
+    decisions.chunks(2).all(|pair| pair.len() == 2 && pair[0] == pair[1])
+}
+
+#[test]
+fn gradient_accumulation_shares_one_decision_per_optimizer_step() {
+    let dir = tempfile::tempdir().unwrap();
+    let device = device();
+    let config = SamConfig::rst(0.5).with_seed(3);
+    let model = Net::new(&device, &config);
+    let (decisions, handle) = (model.decisions.clone(), model.sam.clone());
+    let result = training(dir.path(), 2)
+        .grads_accumulation(2)
+        .launch(Learner::new(model, base(), LR));
+    assert!(result.error.is_none());
+    let decisions = decisions.lock().unwrap().clone();
+    assert_eq!(decisions.len(), 2 * TRAIN_ITEMS / BATCH);
+    assert!(pairs_agree(&decisions), "{decisions:?}");
+    assert!(decisions.contains(&true) && decisions.contains(&false), "{decisions:?}");
+    assert_eq!(handle.engine().counters().rounds as usize, decisions.len() / 2);
+}
+
+#[test]
+fn two_cpu_devices_take_the_same_decision_each_step() {
+    let dir = tempfile::tempdir().unwrap();
+    let device = device();
+    let model = Net::new(&device, &vsam());
+    let (decisions, handle) = (model.decisions.clone(), model.sam.clone());
+    let strategy = ExecutionStrategy::multi(vec![device.clone(), device.clone()], MultiDeviceOptim::OptimMainDevice);
+    let result = training(dir.path(), 2)
+        .with_training_strategy(strategy.into())
+        .launch(Learner::new(model, base(), LR));
+    assert!(result.error.is_none(), "{:?}", result.error);
+    let decisions = decisions.lock().unwrap().clone();
+    assert_eq!(decisions.len(), 2 * TRAIN_ITEMS / BATCH);
+    assert!(pairs_agree(&decisions), "{decisions:?}");
+    assert_eq!(handle.engine().counters().rounds as usize, decisions.len() / 2);
+    let model = result.model;
+    assert!(params(&model).iter().all(|(_, v)| v.iter().all(|x| x.is_finite())));
+}
