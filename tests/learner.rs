@@ -361,3 +361,32 @@ fn two_cpu_devices_take_the_same_decision_each_step() {
     let model = result.model;
     assert!(params(&model).iter().all(|(_, v)| v.iter().all(|x| x.is_finite())));
 }
+
+/// Distributed data parallel with per-replica SAM state. Burn 0.22 implements the collective
+/// all-reduce for its CubeCL backends only: on ndarray and flex, launching this panics inside
+/// Burn ("Distributed operations are not supported for device …"), so the CPU test suite builds
+/// it (even creating the DDP strategy panics there) and the wgpu suite runs it.
+#[cfg_attr(not(feature = "wgpu"), allow(dead_code))]
+fn ddp_training(dir: &Path, devices: Vec<Device>) -> (SupervisedTraining<Net>, Learner<Net>) {
+    let model = Net {
+        sam: SamHandle::per_replica(&vsam()).unwrap(),
+        ..Net::new(&devices[0].clone().autodiff(), &vsam())
+    };
+    let config = burn::tensor::distributed::DistributedConfig {
+        all_reduce_op: burn::tensor::distributed::ReduceOperation::Mean,
+    };
+    let training = training(dir, 1).with_training_strategy(ExecutionStrategy::ddp(devices, config).into());
+    (training, Learner::new(model, base(), LR))
+}
+
+#[cfg(feature = "wgpu")]
+#[test]
+fn ddp_runs_on_one_wgpu_replica() {
+    let dir = tempfile::tempdir().unwrap();
+    let device = burn_sam_sample::backend::select(Some("wgpu")).unwrap();
+    let (training, learner) = ddp_training(dir.path(), vec![device]);
+    let handle = learner.model().sam.clone();
+    let result = training.launch(learner);
+    assert!(result.error.is_none(), "{:?}", result.error);
+    assert_eq!(handle.telemetry().step as usize, TRAIN_ITEMS / BATCH);
+}

@@ -216,6 +216,11 @@ impl SamEngine {
         sam
     }
 
+    /// Whether a round is open (between its decision and its end).
+    pub(crate) fn in_round(&self) -> bool {
+        self.round.is_some()
+    }
+
     /// What cheap steps of the open round add to their gradient.
     pub(crate) fn cheap_term(&self) -> CheapTerm {
         self.round.as_ref().map_or(CheapTerm::Plain, |round| round.term)

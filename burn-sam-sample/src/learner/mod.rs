@@ -26,7 +26,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use burn::lr_scheduler::module_lr_scheduler::ModuleLearningRate;
 use burn::module::Module;
 use burn::optim::{GradientsParams, ModuleOptimizer, MultiGradientsParams};
-use burn::tensor::Tensor;
+use burn::tensor::{Device, Tensor};
 use burn::train::TrainOutput;
 
 use crate::config::SamConfig;
@@ -37,13 +37,32 @@ use crate::telemetry::StepTelemetry;
 /// Default bound on the train steps of one round (devices × accumulated micro-batches).
 const DEFAULT_MAX_STEPS_PER_ROUND: u64 = 256;
 
+/// Which train steps share one engine.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Scope {
+    /// One engine for every device: single device, multi-device, gradient accumulation.
+    Shared,
+    /// One engine per device: distributed data parallel, where every replica runs its own
+    /// optimizer step on all-reduced gradients.
+    PerReplica,
+}
+
 #[derive(Debug)]
-struct Shared {
+struct Replica {
+    device: Option<Device>,
     engine: SamEngine,
     steps_in_round: u64,
+    restored: u64,
+}
+
+#[derive(Debug)]
+struct Shared {
+    scope: Scope,
+    fresh: SamEngine,
+    replicas: Vec<Replica>,
     max_steps_per_round: u64,
     snapshots: BTreeMap<usize, SamEngine>,
-    pending_restore: Option<EngineRecord>,
+    restore: Option<(u64, EngineRecord)>,
 }
 
 /// The SAM state of a Learner run, shared by every clone of the model it lives in.
@@ -59,7 +78,7 @@ impl std::fmt::Debug for SamHandle {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let telemetry = self.telemetry();
         f.debug_struct("SamHandle")
-            .field("policy", &self.lock().engine.config().policy.name())
+            .field("policy", &self.lock().fresh.config().policy.name())
             .field("steps", &telemetry.step)
             .field("sam_steps", &telemetry.sam_steps)
             .finish()
@@ -67,15 +86,28 @@ impl std::fmt::Debug for SamHandle {
 }
 
 impl SamHandle {
-    /// A fresh handle; every field of `config` is checked first.
+    /// A fresh handle for single-device and multi-device training (one gate decision per
+    /// optimizer step, shared by all devices); every field of `config` is checked first.
     pub fn new(config: &SamConfig) -> Result<Self> {
+        Self::with_scope(config, Scope::Shared)
+    }
+
+    /// A fresh handle for `ExecutionStrategy::DistributedDataParallel`: every replica (device)
+    /// keeps its own engine. Burn all-reduces both passes' gradients, so the replicas see the
+    /// same statistics and take the same decisions from the same seed.
+    pub fn per_replica(config: &SamConfig) -> Result<Self> {
+        Self::with_scope(config, Scope::PerReplica)
+    }
+
+    fn with_scope(config: &SamConfig, scope: Scope) -> Result<Self> {
         Ok(Self {
             shared: Arc::new(Mutex::new(Shared {
-                engine: SamEngine::new(config)?,
-                steps_in_round: 0,
+                scope,
+                fresh: SamEngine::new(config)?,
+                replicas: Vec::new(),
                 max_steps_per_round: DEFAULT_MAX_STEPS_PER_ROUND,
                 snapshots: BTreeMap::new(),
-                pending_restore: None,
+                restore: None,
             })),
         })
     }
@@ -108,14 +140,16 @@ impl SamHandle {
     {
         let (loss, output) = forward(model, input.clone());
         let grads = GradientsParams::from_grads(loss.backward(), model);
+        let device = model.devices().into_iter().next();
 
         let (sam, config, wants_grad_norm, term, cache) = {
             let mut shared = self.lock();
-            shared.apply_pending_restore(model);
-            shared.bound_round();
-            let sam = shared.engine.ensure_round();
-            shared.steps_in_round += 1;
-            let engine = &shared.engine;
+            let max_steps = shared.max_steps_per_round;
+            let replica = shared.replica(device.as_ref(), model);
+            replica.bound_round(max_steps);
+            let sam = replica.engine.ensure_round();
+            replica.steps_in_round += 1;
+            let engine = &replica.engine;
             (
                 sam,
                 engine.config().clone(),
@@ -131,21 +165,19 @@ impl SamHandle {
             Some(perturbed) => {
                 let (loss, _) = forward(&perturbed, input);
                 let second = GradientsParams::from_grads(loss.backward(), &perturbed);
-                let flags = self.lock().engine.take_non_finite_flags();
+                let flags = self.with_engine(device.as_ref(), |engine| engine.take_non_finite_flags());
                 let outcome = evaluate_sam(&config, model, first, second, flags);
-                let telemetry = {
-                    let mut shared = self.lock();
-                    shared.engine.set_manifest(manifest);
-                    shared.engine.record_sam(&outcome)
-                };
+                let telemetry = self.with_engine(device.as_ref(), |engine| {
+                    engine.set_manifest(manifest);
+                    engine.record_sam(&outcome)
+                });
                 (outcome.direction(model), telemetry)
             }
             None => {
-                let telemetry = {
-                    let mut shared = self.lock();
-                    shared.engine.set_manifest(manifest);
-                    shared.engine.record_cheap(&first)
-                };
+                let telemetry = self.with_engine(device.as_ref(), |engine| {
+                    engine.set_manifest(manifest);
+                    engine.record_cheap(&first)
+                });
                 let cache = cache.unwrap_or_default();
                 (cheap_direction(&config, model, first, term, &cache), telemetry)
             }
@@ -154,6 +186,12 @@ impl SamHandle {
             grads: direction,
             item: SamOutput::new(output, telemetry),
         }
+    }
+
+    fn with_engine<R>(&self, device: Option<&Device>, f: impl FnOnce(&mut SamEngine) -> R) -> R {
+        let mut shared = self.lock();
+        let index = shared.replica_index(device);
+        f(&mut shared.replicas[index].engine)
     }
 
     /// Ends the optimizer step's round, then applies the base optimizer. Call it from
@@ -165,7 +203,7 @@ impl SamHandle {
         lr: ModuleLearningRate,
         grads: GradientsParams,
     ) -> M {
-        self.end_round();
+        self.end_round_of(&model);
         optim.step(lr, model, grads)
     }
 
@@ -178,16 +216,19 @@ impl SamHandle {
         lr: ModuleLearningRate,
         grads: MultiGradientsParams,
     ) -> M {
-        self.end_round();
+        self.end_round_of(&model);
         optim.step_multi(lr, model, grads)
     }
 
-    /// Ends the current round: the cache and the gate learn from its steps, and the next train
-    /// step takes a new decision.
-    pub fn end_round(&self) {
+    /// Ends the current round of `model`'s engine: the cache and the gate learn from its steps,
+    /// and the next train step takes a new decision.
+    pub fn end_round_of<M: Module>(&self, model: &M) {
+        let device = model.devices().into_iter().next();
         let mut shared = self.lock();
-        shared.engine.end_round();
-        shared.steps_in_round = 0;
+        let index = shared.replica_index(device.as_ref());
+        let replica = &mut shared.replicas[index];
+        replica.engine.end_round();
+        replica.steps_in_round = 0;
     }
 
     /// Sets the most train steps one optimizer step may hold (devices × accumulated
@@ -197,21 +238,28 @@ impl SamHandle {
         self
     }
 
-    /// What the last train step did and the totals so far.
+    /// What the last train step did and the totals so far (of the first replica).
     pub fn telemetry(&self) -> StepTelemetry {
-        self.lock().engine.telemetry()
+        self.engine().telemetry()
     }
 
-    /// A copy of the engine state, e.g. to save it with [`SamEngine::to_record`].
+    /// A copy of the engine state (of the first replica), e.g. to save it with
+    /// [`SamEngine::to_record`].
     pub fn engine(&self) -> SamEngine {
-        self.lock().engine.clone()
+        let shared = self.lock();
+        shared.replicas.first().map_or_else(|| shared.fresh.clone(), |replica| replica.engine.clone())
     }
 
     /// Keeps a copy of the current state for the checkpoint of `epoch`. Cheap: tensors are shared,
-    /// nothing is read from the device.
+    /// nothing is read from the device. With several replicas, the one with the fewest steps and
+    /// no open round is taken: the main replica, which checkpoints between steps.
     pub fn snapshot(&self, epoch: usize) {
         let mut shared = self.lock();
-        let engine = shared.engine.clone();
+        let engine = shared
+            .replicas
+            .iter()
+            .min_by_key(|replica| (replica.engine.in_round(), replica.engine.counters().steps))
+            .map_or_else(|| shared.fresh.clone(), |replica| replica.engine.clone());
         shared.snapshots.insert(epoch, engine);
     }
 
@@ -219,29 +267,58 @@ impl SamHandle {
         self.lock().snapshots.remove(&epoch)
     }
 
-    /// Restores a saved state; it is checked against the model and applied at the next train
-    /// step (the model is not known before).
+    /// Restores a saved state; it is checked against the model and applied by every replica at
+    /// its next train step (the model is not known before).
     pub fn restore(&self, record: EngineRecord) {
-        self.lock().pending_restore = Some(record);
+        let mut shared = self.lock();
+        let generation = shared.restore.as_ref().map_or(1, |(generation, _)| generation + 1);
+        shared.restore = Some((generation, record));
     }
 }
 
 impl Shared {
-    fn apply_pending_restore<M: Module>(&mut self, model: &M) {
-        if let Some(record) = self.pending_restore.take() {
-            let steps = record.steps();
-            if let Err(err) = self.engine.load_record(record, model) {
-                panic!("the restored SAM state (taken after {steps} steps) does not fit the model: {err}");
-            }
-            self.steps_in_round = 0;
-            log::info!("SAM state restored: continuing after {steps} train steps");
+    fn replica_index(&mut self, device: Option<&Device>) -> usize {
+        let key = match self.scope {
+            Scope::Shared => None,
+            Scope::PerReplica => device.cloned(),
+        };
+        if let Some(index) = self.replicas.iter().position(|replica| replica.device == key) {
+            return index;
         }
+        self.replicas.push(Replica {
+            device: key,
+            engine: self.fresh.clone(),
+            steps_in_round: 0,
+            restored: 0,
+        });
+        self.replicas.len() - 1
     }
 
+    /// The replica for `device`, with any pending restore applied.
+    fn replica<M: Module>(&mut self, device: Option<&Device>, model: &M) -> &mut Replica {
+        let index = self.replica_index(device);
+        let restore = self.restore.as_ref();
+        let replica = &mut self.replicas[index];
+        if let Some((generation, record)) = restore {
+            if replica.restored < *generation {
+                let steps = record.steps();
+                if let Err(err) = replica.engine.load_record(record.clone(), model) {
+                    panic!("the restored SAM state (taken after {steps} steps) does not fit the model: {err}");
+                }
+                replica.restored = *generation;
+                replica.steps_in_round = 0;
+                log::info!("SAM state restored: continuing after {steps} train steps");
+            }
+        }
+        replica
+    }
+}
+
+impl Replica {
     /// A round ends at `optimize`; one that outgrows any real optimizer step means the model's
     /// `TrainStep::optimize` does not call it.
-    fn bound_round(&mut self) {
-        if self.steps_in_round >= self.max_steps_per_round {
+    fn bound_round(&self, max_steps: u64) {
+        if self.steps_in_round >= max_steps {
             panic!(
                 "{} train steps ran without `SamHandle::optimize`: override `TrainStep::optimize` \
                  (and `optimize_multi`) to call it, so that one gate decision covers one optimizer \
