@@ -9,11 +9,10 @@ use std::sync::{Arc, Mutex};
 use burn::data::dataloader::batcher::Batcher;
 use burn::data::dataloader::{DataLoader, DataLoaderBuilder};
 use burn::data::dataset::InMemDataset;
-use burn::lr_scheduler::module_lr_scheduler::ModuleLearningRate;
 use burn::module::Module;
 use burn::nn::loss::CrossEntropyLossConfig;
 use burn::nn::{Linear, LinearConfig};
-use burn::optim::{momentum::MomentumConfig, GradientsParams, ModuleOptimizer, MultiGradientsParams, SgdConfig};
+use burn::optim::{momentum::MomentumConfig, ModuleOptimizer, SgdConfig};
 use burn::prelude::*;
 use burn::tensor::activation::relu;
 use burn::train::checkpoint::KeepLastNCheckpoints;
@@ -141,13 +140,7 @@ impl TrainStep for Net {
         out
     }
 
-    fn optimize(self, optim: &mut ModuleOptimizer, lr: ModuleLearningRate, grads: GradientsParams) -> Self {
-        self.sam.clone().optimize(self, optim, lr, grads)
-    }
-
-    fn optimize_multi(self, optim: &mut ModuleOptimizer, lr: ModuleLearningRate, grads: MultiGradientsParams) -> Self {
-        self.sam.clone().optimize_multi(self, optim, lr, grads)
-    }
+    burn_sam_sample::sam_optimize!(sam);
 }
 
 impl InferenceStep for Net {

@@ -34,6 +34,40 @@ use crate::engine::{cheap_direction, evaluate_sam, perturb, step_first_pass, Eng
 use crate::error::Result;
 use crate::telemetry::StepTelemetry;
 
+/// Implements `TrainStep::optimize` and `optimize_multi` by way of the model's [`SamHandle`]
+/// field, so that each optimizer step ends its gate round. Use it inside `impl TrainStep`:
+///
+/// ```rust,ignore
+/// impl TrainStep for Model {
+///     type Input = Batch;
+///     type Output = SamOutput<ClassificationOutput>;
+///     fn step(&self, batch: Batch) -> TrainOutput<Self::Output> { /* self.sam.train_step(..) */ }
+///     burn_sam_sample::sam_optimize!(sam);
+/// }
+/// ```
+#[macro_export]
+macro_rules! sam_optimize {
+    ($field:ident) => {
+        fn optimize(
+            self,
+            optim: &mut $crate::burn::optim::ModuleOptimizer,
+            lr: $crate::burn::lr_scheduler::module_lr_scheduler::ModuleLearningRate,
+            grads: $crate::burn::optim::GradientsParams,
+        ) -> Self {
+            self.$field.clone().optimize(self, optim, lr, grads)
+        }
+
+        fn optimize_multi(
+            self,
+            optim: &mut $crate::burn::optim::ModuleOptimizer,
+            lr: $crate::burn::lr_scheduler::module_lr_scheduler::ModuleLearningRate,
+            grads: $crate::burn::optim::MultiGradientsParams,
+        ) -> Self {
+            self.$field.clone().optimize_multi(self, optim, lr, grads)
+        }
+    };
+}
+
 /// Default bound on the train steps of one round (devices × accumulated micro-batches).
 const DEFAULT_MAX_STEPS_PER_ROUND: u64 = 256;
 
