@@ -1,4 +1,9 @@
-//! Pieces shared by the examples: a seeded synthetic task and small helpers.
+//! Pieces shared by the examples and benchmarks: the Fashion-MNIST data, the CNN, the methods,
+//! and a seeded synthetic task.
+
+pub mod fashion;
+pub mod methods;
+pub mod model;
 
 use burn::prelude::*;
 use rand::{Rng, SeedableRng};
@@ -27,7 +32,11 @@ pub fn spirals(points_per_class: usize, noise: f32, seed: u64, device: &Device) 
 
 /// Fraction of rows of `logits` whose arg-max equals `labels`.
 pub fn accuracy(logits: Tensor<2>, labels: Tensor<1, Int>) -> f64 {
-    let n = labels.dims()[0] as f64;
-    let correct: i64 = logits.argmax(1).squeeze_dim::<1>(1).equal(labels).int().sum().into_scalar();
-    correct as f64 / n
+    let n = labels.dims()[0];
+    correct(logits, labels) as f64 / n as f64
+}
+
+/// Number of rows of `logits` whose arg-max equals `labels`.
+pub fn correct(logits: Tensor<2>, labels: Tensor<1, Int>) -> i64 {
+    logits.argmax(1).squeeze_dim::<1>(1).equal(labels).int().sum().into_scalar()
 }

@@ -1,0 +1,73 @@
+//! The methods the examples and benchmarks compare, as [`SamConfig`]s.
+
+use burn_sam_sample::policy::{AeSamConfig, GatePolicy, VariationConfig};
+use burn_sam_sample::reuse::ReusePolicy;
+use burn_sam_sample::SamConfig;
+
+/// A member of the SAM family.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Method {
+    /// The base optimizer alone.
+    Sgd,
+    /// SAM: the second pass on every step.
+    Sam,
+    /// ASAM: scale-invariant SAM on every step.
+    Asam,
+    /// vSAM: the variation gate with decayed PSF reuse.
+    Vsam,
+    /// LookSAM: SAM every 5 steps, the orthogonal part of g_s reused in between.
+    Looksam,
+    /// AE-SAM: SAM when ‖g‖² is unusually large.
+    Aesam,
+    /// RST: SAM with probability 0.5 on each step.
+    Rst,
+}
+
+impl Method {
+    /// Every method, in table order.
+    pub const ALL: [Method; 7] = [
+        Method::Sgd,
+        Method::Sam,
+        Method::Asam,
+        Method::Vsam,
+        Method::Looksam,
+        Method::Aesam,
+        Method::Rst,
+    ];
+
+    /// The lower-case name used on the command line and in tables.
+    pub fn name(self) -> &'static str {
+        match self {
+            Method::Sgd => "sgd",
+            Method::Sam => "sam",
+            Method::Asam => "asam",
+            Method::Vsam => "vsam",
+            Method::Looksam => "looksam",
+            Method::Aesam => "aesam",
+            Method::Rst => "rst",
+        }
+    }
+
+    /// The configuration for a run of `total_steps` steps with the given all-SAM warm-up (vSAM)
+    /// and radius (`None`: 0.05, or 0.5 for ASAM).
+    pub fn config(self, total_steps: usize, warmup_steps: usize, rho: Option<f64>, seed: u64) -> SamConfig {
+        let config = match self {
+            Method::Sgd => SamConfig::base_only(),
+            Method::Sam => SamConfig::sam(),
+            Method::Asam => SamConfig::asam(),
+            Method::Vsam => SamConfig::new()
+                .with_policy(GatePolicy::Variation(VariationConfig::new().with_warmup_steps(warmup_steps)))
+                .with_reuse(ReusePolicy::decayed_psf()),
+            Method::Looksam => SamConfig::look_sam(5, 0.7),
+            Method::Aesam => SamConfig::new()
+                .with_policy(GatePolicy::AeSam(AeSamConfig::new(total_steps.max(1))))
+                .with_reuse(ReusePolicy::None),
+            Method::Rst => SamConfig::rst(0.5),
+        };
+        let config = match rho {
+            Some(rho) => config.with_rho(rho),
+            None => config,
+        };
+        config.with_seed(seed)
+    }
+}

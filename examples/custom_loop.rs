@@ -1,0 +1,145 @@
+//! The Fashion-MNIST CNN trained in a hand-written loop with `SamOptimizer::step` and its
+//! closure: no Learner. Shows the telemetry, saving the optimizer state, and resuming from it.
+//!
+//! ```text
+//! cargo run --release -p burn-sam-sample-examples --example custom_loop -- --method vsam --epochs 2
+//! ```
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use burn::data::dataloader::{DataLoader, DataLoaderBuilder};
+use burn::data::dataset::Dataset;
+use burn::module::Module;
+use burn::nn::loss::CrossEntropyLossConfig;
+use burn::optim::{decay::WeightDecayConfig, momentum::MomentumConfig, SgdConfig};
+use burn_sam_sample::backend;
+use burn_sam_sample_examples::correct;
+use burn_sam_sample_examples::fashion::{subset, FashionBatch, FashionBatcher, FashionMnist};
+use burn_sam_sample_examples::methods::Method;
+use burn_sam_sample_examples::model::{Cnn, CnnConfig};
+use clap::Parser;
+use indicatif::{ProgressBar, ProgressStyle};
+
+/// Train the Fashion-MNIST CNN in a custom loop.
+#[derive(Parser, Debug)]
+struct Args {
+    /// The method.
+    #[arg(long, value_enum, default_value = "vsam")]
+    method: Method,
+    /// Training epochs.
+    #[arg(long, default_value_t = 2)]
+    epochs: usize,
+    /// Batch size.
+    #[arg(long, default_value_t = 128)]
+    batch_size: usize,
+    /// Peak learning rate (cosine decay to 0).
+    #[arg(long, default_value_t = 0.05)]
+    lr: f64,
+    /// SAM radius ρ (default: 0.05; ASAM: 0.5).
+    #[arg(long)]
+    rho: Option<f64>,
+    /// Seed of the model, data order and gate.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Folder with the four Fashion-MNIST files.
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Train on the first N training images only.
+    #[arg(long)]
+    train_subset: Option<usize>,
+    /// Backend: ndarray, flex, wgpu or cuda.
+    #[arg(long)]
+    backend: Option<String>,
+    /// Where to save the model and optimizer state after each epoch.
+    #[arg(long, default_value = "target/custom-loop")]
+    artifact_dir: PathBuf,
+}
+
+fn evaluate(model: &Cnn, loader: &dyn DataLoader<FashionBatch>) -> Result<f64, Box<dyn std::error::Error>> {
+    let model = model.valid();
+    let (mut right, mut total) = (0i64, 0usize);
+    for batch in loader.iter() {
+        let batch = batch?;
+        total += batch.targets.dims()[0];
+        right += correct(model.forward(batch.images), batch.targets);
+    }
+    Ok(right as f64 / total.max(1) as f64)
+}
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
+    let args = Args::parse();
+    let device = backend::select(args.backend.as_deref())?;
+    let train_device = device.clone().autodiff();
+    let data = FashionMnist::load(args.data_dir.as_deref())?;
+    let train = subset(&data.train, args.train_subset);
+    let steps_per_epoch = train.len().div_ceil(args.batch_size);
+    let total_steps = steps_per_epoch * args.epochs;
+    let warmup = (total_steps * 3).div_ceil(200).max(50);
+
+    let train_loader = DataLoaderBuilder::new(FashionBatcher::plain())
+        .batch_size(args.batch_size)
+        .shuffle(args.seed)
+        .build(train)
+        .to_device(&train_device);
+    let test_loader = DataLoaderBuilder::new(FashionBatcher::plain())
+        .batch_size(256)
+        .build(data.test)
+        .to_device(&device);
+
+    train_device.seed(args.seed);
+    let mut model = CnnConfig::new().init(&train_device);
+    let base = SgdConfig::new()
+        .with_momentum(Some(MomentumConfig::new().with_momentum(0.9).with_dampening(0.0)))
+        .with_weight_decay(Some(WeightDecayConfig::new(5e-4)))
+        .init();
+    let mut optim = args.method.config(total_steps, warmup, args.rho, args.seed).init(base)?;
+    let loss_fn = CrossEntropyLossConfig::new().init(&train_device);
+    std::fs::create_dir_all(&args.artifact_dir)?;
+
+    let bar = ProgressBar::new(total_steps as u64);
+    bar.set_style(ProgressStyle::with_template(
+        "{bar:40} {pos}/{len} steps, {elapsed} elapsed, ETA {eta} | {msg}",
+    )?);
+    let start = Instant::now();
+    let mut step = 0usize;
+    for epoch in 1..=args.epochs {
+        for batch in train_loader.iter() {
+            let batch = batch?;
+            let lr = args.lr * 0.5 * (1.0 + (std::f64::consts::PI * step as f64 / total_steps as f64).cos());
+            let (next, out) = optim.step(lr, model, |m: &Cnn| {
+                (loss_fn.forward(m.forward(batch.images.clone()), batch.targets.clone()), ())
+            });
+            model = next;
+            step += 1;
+            bar.inc(1);
+            if step % 20 == 0 {
+                let t = out.telemetry;
+                bar.set_message(format!(
+                    "loss {:.3}, SAM fraction {:.2}, quota {}",
+                    out.loss.into_scalar::<f32>(),
+                    t.sam_fraction,
+                    t.quota.map_or("-".into(), |s| format!("{s:.1}")),
+                ));
+            }
+        }
+        let accuracy = evaluate(&model, test_loader.as_ref())?;
+        bar.println(format!("epoch {epoch}: test accuracy {:.2}%", accuracy * 100.0));
+        // Model and optimizer state together allow an exact restart from this point.
+        model.clone().save_file(args.artifact_dir.join(format!("model-{epoch}.bpk")))?;
+        optim.save(args.artifact_dir.join(format!("optim-{epoch}.bpk")))?;
+    }
+    bar.finish_and_clear();
+    let t = optim.telemetry();
+    println!(
+        "method {} | test accuracy {:.2}% | SAM fraction {:.3} | gradient passes/step {:.3} | steps {} | time {:.1} s",
+        args.method.name(),
+        evaluate(&model, test_loader.as_ref())? * 100.0,
+        t.sam_fraction,
+        t.passes_per_step(),
+        t.step,
+        start.elapsed().as_secs_f64(),
+    );
+    Ok(())
+}

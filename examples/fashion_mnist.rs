@@ -1,0 +1,225 @@
+//! Fashion-MNIST with a small CNN (conv + BatchNorm + pooling) trained through Burn's Learner,
+//! with vSAM or any other member of the family in front of SGD with momentum.
+//!
+//! ```text
+//! sudo apt-get install dataset-fashion-mnist          # or --data-dir / FASHION_MNIST_DIR
+//! cargo run --release -p burn-sam-sample-examples --example fashion_mnist -- --method vsam --epochs 3
+//! ```
+//!
+//! Reports test accuracy, the SAM fraction, gradient passes per step and wall-clock time. The
+//! dashboard (TUI in a terminal, plain lines otherwise) shows the SAM metrics next to Burn's.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use burn::data::dataloader::DataLoaderBuilder;
+use burn::data::dataset::Dataset;
+use burn::lr_scheduler::cosine::CosineAnnealingLrSchedulerConfig;
+use burn::nn::loss::CrossEntropyLossConfig;
+use burn::optim::{decay::WeightDecayConfig, momentum::MomentumConfig, SgdConfig};
+use burn::prelude::*;
+use burn::train::checkpoint::KeepLastNCheckpoints;
+use burn::train::metric::{AccuracyMetric, LossMetric};
+use burn::train::{ClassificationOutput, InferenceStep, Learner, SupervisedTraining, TrainOutput, TrainStep};
+use burn_sam_sample::learner::{
+    GradientPassesMetric, PsfRatioMetric, SamFractionMetric, SamHandle, SamOutput, SamQuotaMetric, SamTrainingExt,
+};
+use burn_sam_sample::backend;
+use burn_sam_sample_examples::fashion::{subset, FashionBatch, FashionBatcher, FashionMnist};
+use burn_sam_sample_examples::methods::Method;
+use burn_sam_sample_examples::model::{Cnn, CnnConfig};
+use burn_sam_sample_examples::correct;
+use clap::Parser;
+
+/// Train a CNN on Fashion-MNIST with a member of the SAM family.
+#[derive(Parser, Debug)]
+#[command(version)]
+struct Args {
+    /// The method.
+    #[arg(long, value_enum, default_value = "vsam")]
+    method: Method,
+    /// Training epochs.
+    #[arg(long, default_value_t = 3)]
+    epochs: usize,
+    /// Batch size.
+    #[arg(long, default_value_t = 128)]
+    batch_size: usize,
+    /// Peak learning rate (cosine decay to 0 over the run).
+    #[arg(long, default_value_t = 0.05)]
+    lr: f64,
+    /// SAM radius ρ (default: 0.05; ASAM: 0.5).
+    #[arg(long)]
+    rho: Option<f64>,
+    /// Seed of the model, the data order, the augmentation and the gate.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Folder with the four Fashion-MNIST files (searched before $FASHION_MNIST_DIR,
+    /// /usr/share/datasets/fashion-mnist and Burn's cache).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Train on the first N training images only (quick runs).
+    #[arg(long)]
+    train_subset: Option<usize>,
+    /// Evaluate on the first N test images only.
+    #[arg(long)]
+    test_subset: Option<usize>,
+    /// vSAM's all-SAM warm-up in steps (default: 1.5 % of the run, as the authors' 3 of 200
+    /// epochs, and at least one window of 50 steps).
+    #[arg(long)]
+    warmup_steps: Option<usize>,
+    /// Random shifts and flips of the training images.
+    #[arg(long)]
+    augment: bool,
+    /// Backend: ndarray, flex, wgpu or cuda (default: the most capable one compiled in).
+    #[arg(long)]
+    backend: Option<String>,
+    /// Data-loader worker threads.
+    #[arg(long, default_value_t = 2)]
+    workers: usize,
+    /// Where metric logs and checkpoints go.
+    #[arg(long, default_value = "target/fashion-mnist")]
+    artifact_dir: PathBuf,
+    /// Resume from the checkpoint of this epoch in the artifact directory.
+    #[arg(long)]
+    resume: Option<usize>,
+    /// Exit with an error when the test accuracy is not above this fraction.
+    #[arg(long)]
+    min_accuracy: Option<f64>,
+}
+
+#[derive(Module, Debug)]
+struct Classifier {
+    net: Cnn,
+    #[module(skip)]
+    sam: SamHandle,
+}
+
+impl Classifier {
+    fn classify(&self, batch: FashionBatch) -> ClassificationOutput {
+        let logits = self.net.forward(batch.images);
+        let loss = CrossEntropyLossConfig::new()
+            .init(&logits.device())
+            .forward(logits.clone(), batch.targets.clone());
+        ClassificationOutput::new(loss, logits, batch.targets)
+    }
+}
+
+impl TrainStep for Classifier {
+    type Input = FashionBatch;
+    type Output = SamOutput<ClassificationOutput>;
+
+    fn step(&self, batch: FashionBatch) -> TrainOutput<Self::Output> {
+        self.sam.train_step(self, batch, |model, batch| {
+            let out = model.classify(batch);
+            (out.loss.clone(), out)
+        })
+    }
+
+    burn_sam_sample::sam_optimize!(sam);
+}
+
+impl InferenceStep for Classifier {
+    type Input = FashionBatch;
+    type Output = ClassificationOutput;
+
+    fn step(&self, batch: FashionBatch) -> ClassificationOutput {
+        self.classify(batch)
+    }
+}
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
+    let args = Args::parse();
+    let device = backend::select(args.backend.as_deref())?;
+
+    let data = FashionMnist::load(args.data_dir.as_deref())?;
+    let train = subset(&data.train, args.train_subset);
+    let test = subset(&data.test, args.test_subset);
+    let steps_per_epoch = train.len().div_ceil(args.batch_size);
+    let total_steps = steps_per_epoch * args.epochs;
+    let warmup = args.warmup_steps.unwrap_or_else(|| (total_steps * 3).div_ceil(200).max(50));
+    println!(
+        "data: {} train / {} test images from {}; backend {device:?}; method {}; {} epochs × {steps_per_epoch} steps{}",
+        train.len(),
+        test.len(),
+        data.source.display(),
+        args.method.name(),
+        args.epochs,
+        if args.method == Method::Vsam { format!("; warm-up {warmup} steps") } else { String::new() },
+    );
+
+    let config = args.method.config(total_steps, warmup, args.rho, args.seed);
+    let train_device = device.clone().autodiff();
+    train_device.seed(args.seed);
+    let model = Classifier {
+        net: CnnConfig::new().init(&train_device),
+        sam: SamHandle::new(&config)?,
+    };
+    let sam = model.sam.clone();
+
+    let train_loader = DataLoaderBuilder::new(if args.augment {
+        FashionBatcher::augmented(args.seed)
+    } else {
+        FashionBatcher::plain()
+    })
+    .batch_size(args.batch_size)
+    .shuffle(args.seed)
+    .num_workers(args.workers)
+    .build(train);
+    let test_loader = DataLoaderBuilder::new(FashionBatcher::plain())
+        .batch_size(256)
+        .num_workers(args.workers)
+        .build(test);
+
+    let base = SgdConfig::new()
+        .with_momentum(Some(MomentumConfig::new().with_momentum(0.9).with_dampening(0.0)))
+        .with_weight_decay(Some(WeightDecayConfig::new(5e-4)))
+        .init();
+    let schedule = CosineAnnealingLrSchedulerConfig::new(args.lr, total_steps.max(1)).init()?;
+
+    let mut training = SupervisedTraining::new(&args.artifact_dir, train_loader, test_loader.clone())
+        .num_epochs(args.epochs)
+        .metrics((AccuracyMetric::new(), LossMetric::new()))
+        .metric_train_numeric(SamFractionMetric::new())
+        .metric_train_numeric(GradientPassesMetric::new())
+        .metric_train_numeric(SamQuotaMetric::new())
+        .metric_train_numeric(PsfRatioMetric::new())
+        .with_sam_checkpointing(&args.artifact_dir, &sam, KeepLastNCheckpoints::new(2))
+        .summary();
+    if let Some(epoch) = args.resume {
+        training = training.checkpoint(epoch);
+    }
+
+    let start = Instant::now();
+    let result = training.launch(Learner::new(model, base, schedule));
+    let elapsed = start.elapsed().as_secs_f64();
+    if let Some(error) = result.error {
+        return Err(format!("training failed: {error}").into());
+    }
+
+    let model = result.model;
+    let (mut right, mut total) = (0i64, 0usize);
+    for batch in test_loader.to_device(&device).iter() {
+        let batch = batch?;
+        total += batch.targets.dims()[0];
+        right += correct(model.net.forward(batch.images), batch.targets);
+    }
+    let accuracy = right as f64 / total.max(1) as f64;
+    let telemetry = sam.telemetry();
+    println!(
+        "method {} | test accuracy {:.2}% | SAM fraction {:.3} | gradient passes/step {:.3} | steps {} | \
+         non-finite steps {} | train+eval time {elapsed:.1} s",
+        args.method.name(),
+        accuracy * 100.0,
+        telemetry.sam_fraction,
+        telemetry.passes_per_step(),
+        telemetry.step,
+        telemetry.non_finite_steps,
+    );
+    if let Some(min) = args.min_accuracy {
+        if accuracy <= min {
+            return Err(format!("test accuracy {:.4} is not above the required {min}", accuracy).into());
+        }
+    }
+    Ok(())
+}
