@@ -378,6 +378,8 @@ fn ddp_runs_on_one_wgpu_replica() {
     let dir = tempfile::tempdir().unwrap();
     let device = burn_sam_sample::backend::select(Some("wgpu")).unwrap();
     let (training, learner) = ddp_training(dir.path(), vec![device]);
+    // One replica exercises the whole DDP path (worker thread, collective setup, per-replica
+    // engine); several replicas need several GPUs.
     let handle = learner.model().sam.clone();
     let result = training.launch(learner);
     assert!(result.error.is_none(), "{:?}", result.error);

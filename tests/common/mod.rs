@@ -11,9 +11,25 @@ use burn::nn::{BatchNorm, BatchNormConfig, Linear, LinearConfig};
 use burn::prelude::*;
 use burn::tensor::activation::tanh;
 
-/// The device every test runs on: the CPU backend selected by the features, with autodiff.
+/// The name of the backend the tests run on: `$BURN_SAM_TEST_BACKEND`, else the first enabled of
+/// ndarray, flex, wgpu and cuda (CPU first: `Device::default()` would pick a GPU backend whenever
+/// one is compiled in).
+pub fn backend_name() -> String {
+    std::env::var("BURN_SAM_TEST_BACKEND").unwrap_or_else(|_| {
+        let enabled = burn_sam_sample::backend::enabled_backends();
+        ["ndarray", "flex", "wgpu", "cuda"]
+            .into_iter()
+            .find(|name| enabled.contains(name))
+            .expect("the tests need a backend feature: ndarray, flex, wgpu or cuda")
+            .to_string()
+    })
+}
+
+/// The device every test runs on (see [`backend_name`]), with autodiff.
 pub fn device() -> Device {
-    burn_sam_sample::backend::cpu_device().autodiff()
+    burn_sam_sample::backend::select(Some(&backend_name()))
+        .expect("the test backend is compiled in")
+        .autodiff()
 }
 
 /// Linear 3→4, tanh, Linear 4→2: the reference model of `reference/sam_reference.py`.
