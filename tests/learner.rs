@@ -271,6 +271,66 @@ fn resuming_from_a_checkpoint_is_exact() {
     assert!(dir.path().join("checkpoint").join("optim-2.bpk").exists());
 }
 
+/// Trains `epochs` epochs (resuming from `resume` when given) in `dir`; returns the decisions
+/// of this launch and the final model.
+fn run_with_checkpoints(dir: &Path, epochs: usize, resume: Option<usize>) -> (Vec<bool>, Net) {
+    let model = Net::new(&device(), &vsam());
+    let (decisions, handle) = (model.decisions.clone(), model.sam.clone());
+    let mut training = training(dir, epochs).with_sam_checkpointing(dir, &handle, KeepLastNCheckpoints::new(8));
+    if let Some(epoch) = resume {
+        training = training.checkpoint(epoch);
+    }
+    let model = training.launch(Learner::new(model, base(), LR)).model;
+    let decisions = decisions.lock().unwrap().clone();
+    (decisions, model)
+}
+
+#[test]
+fn resuming_at_every_epoch_is_exact() {
+    let straight_dir = tempfile::tempdir().unwrap();
+    let (straight_decisions, straight) = run_with_checkpoints(straight_dir.path(), 5, None);
+    for interrupt in 1..5 {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut decisions, _) = run_with_checkpoints(dir.path(), interrupt, None);
+        let (rest, resumed) = run_with_checkpoints(dir.path(), 5, Some(interrupt));
+        decisions.extend(rest);
+        assert_eq!(decisions, straight_decisions, "interrupted after epoch {interrupt}");
+        assert_eq!(weight_bits(&resumed), weight_bits(&straight), "interrupted after epoch {interrupt}");
+    }
+}
+
+#[test]
+fn many_short_multi_device_runs_neither_race_nor_deadlock() {
+    let (done, finished) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for run in 0..12u64 {
+            let dir = tempfile::tempdir().unwrap();
+            let device = device();
+            let config = SamConfig::rst(0.5).with_seed(run);
+            let model = Net::new(&device, &config);
+            let (decisions, handle) = (model.decisions.clone(), model.sam.clone());
+            let strategy =
+                ExecutionStrategy::multi(vec![device.clone(), device.clone()], MultiDeviceOptim::OptimMainDevice);
+            let result = training(dir.path(), 1)
+                .grads_accumulation(if run % 2 == 0 { 1 } else { 2 })
+                .with_training_strategy(strategy.into())
+                .launch(Learner::new(model, base(), LR));
+            assert!(result.error.is_none(), "run {run}: {:?}", result.error);
+            let decisions = decisions.lock().unwrap().clone();
+            let per_round = if run % 2 == 0 { 2 } else { 4 };
+            assert!(
+                decisions.chunks(per_round).all(|round| round.iter().all(|&d| d == round[0])),
+                "run {run}: {decisions:?}"
+            );
+            assert_eq!(handle.engine().counters().steps as usize, decisions.len());
+        }
+        done.send(()).unwrap();
+    });
+    finished
+        .recv_timeout(std::time::Duration::from_secs(300))
+        .expect("12 multi-device runs finish within 5 minutes (no deadlock)");
+}
+
 #[test]
 fn a_checkpoint_without_the_wrapped_strategy_fails_loudly() {
     let dir = tempfile::tempdir().unwrap();

@@ -192,7 +192,7 @@ impl SamOptimizerRecord {
         let (mut tensors, state) = self.engine.into_pack()?;
         let base = TensorData::from_bytes_vec(base.to_vec(), [base.len()], DType::U8);
         tensors.push(crate::engine::pack_tensor(BASE_KEY.to_string(), None, base));
-        Ok(Writer::new(tensors).with_metadata(crate::engine::STATE_KEY, &state))
+        crate::engine::sealed_writer(tensors, &state)
     }
 
     fn from_reader(reader: Reader) -> Result<Self> {

@@ -18,7 +18,7 @@ mod step;
 pub(crate) mod tensors;
 
 pub use record::EngineRecord;
-pub(crate) use record::{pack_tensor, read_all, read_file, STATE_KEY};
+pub(crate) use record::{pack_tensor, read_all, read_file, sealed_writer};
 pub use step::FirstPass;
 pub(crate) use step::{cheap_direction, evaluate_sam, first_pass as step_first_pass, perturb, ReuseCache, SamOutcome};
 
@@ -275,10 +275,10 @@ impl SamEngine {
                 }
                 None => grad_sq,
             });
-            round.grad_sq_count += 1;
+            round.grad_sq_count = round.grad_sq_count.saturating_add(1);
         }
-        self.counters.steps += 1;
-        self.counters.passes += 1;
+        self.counters.steps = self.counters.steps.saturating_add(1);
+        self.counters.passes = self.counters.passes.saturating_add(1);
         self.last_sam = false;
         self.last_skipped = false;
         self.telemetry()
@@ -298,7 +298,7 @@ impl SamEngine {
             round.stats.push(readback.stats());
             round.grad_sq_host.push(readback.grad_sq);
             if let Some(tensors) = outcome.cache_tensors(&self.config.reuse) {
-                round.contributions += 1;
+                round.contributions = round.contributions.saturating_add(1);
                 round.cache_sum = Some(match round.cache_sum.take() {
                     None => (tensors, outcome.order(), outcome.device.clone()),
                     Some((mut sum, order, device)) => {
@@ -321,12 +321,12 @@ impl SamEngine {
             if readback.first_ok() {
                 round.grad_sq_host.push(readback.grad_sq);
             }
-            self.counters.non_finite_steps += 1;
+            self.counters.non_finite_steps = self.counters.non_finite_steps.saturating_add(1);
             self.last_skipped = true;
         }
-        self.counters.steps += 1;
-        self.counters.sam_steps += 1;
-        self.counters.passes += 2;
+        self.counters.steps = self.counters.steps.saturating_add(1);
+        self.counters.sam_steps = self.counters.sam_steps.saturating_add(1);
+        self.counters.passes = self.counters.passes.saturating_add(2);
         self.last_sam = true;
         self.telemetry()
     }
@@ -337,7 +337,7 @@ impl SamEngine {
         let Some(round) = self.round.take() else {
             return;
         };
-        self.counters.rounds += 1;
+        self.counters.rounds = self.counters.rounds.saturating_add(1);
         if let Some((sum, order, device)) = round.cache_sum {
             let tensors = if round.contributions > 1 {
                 let scale = 1.0 / round.contributions as f64;
@@ -379,7 +379,7 @@ impl SamEngine {
                  updates were zeroed",
                 self.counters.steps
             );
-            self.counters.non_finite_steps += count;
+            self.counters.non_finite_steps = self.counters.non_finite_steps.saturating_add(count);
         }
     }
 

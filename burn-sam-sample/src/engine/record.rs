@@ -16,6 +16,7 @@ use crate::policy::{Gate, GatePolicy, GateState, PsfStats};
 use crate::reuse::ReusePolicy;
 
 pub(crate) const STATE_KEY: &str = "burn-sam-sample.engine";
+const CHECKSUM_KEY: &str = "burn-sam-sample.crc32";
 const CACHE_PREFIX: &str = "burn-sam-sample.cache.";
 const CACHE_NORM: &str = "burn-sam-sample.cache-norm";
 const FORMAT: u32 = 1;
@@ -103,7 +104,7 @@ impl EngineRecord {
     /// Serializes the record to burnpack bytes.
     pub fn into_bytes(self) -> Result<Bytes> {
         let (tensors, state) = self.into_pack()?;
-        Ok(Writer::new(tensors).with_metadata(STATE_KEY, &state).into_bytes().map_err(burn::store::RecordError::from)?)
+        Ok(sealed_writer(tensors, &state)?.into_bytes().map_err(burn::store::RecordError::from)?)
     }
 
     /// Decodes a record from burnpack bytes. Hostile bytes give an error, never a panic.
@@ -116,8 +117,7 @@ impl EngineRecord {
     /// Writes the record to a burnpack file.
     pub fn save(self, path: impl AsRef<std::path::Path>) -> Result<()> {
         let (tensors, state) = self.into_pack()?;
-        Writer::new(tensors)
-            .with_metadata(STATE_KEY, &state)
+        sealed_writer(tensors, &state)?
             .auto_extension(false)
             .write_to_file(path)
             .map_err(burn::store::RecordError::from)?;
@@ -140,15 +140,54 @@ pub(crate) fn read_file(path: &std::path::Path) -> Result<Bytes> {
     Ok(Bytes::from_bytes_vec(bytes))
 }
 
+/// Reads every tensor and the metadata of a record, and checks its checksum.
 pub(crate) fn read_all(reader: Reader) -> Result<(BTreeMap<String, burn_pack::Tensor>, BTreeMap<String, String>)> {
     let metadata = reader.metadata().clone();
-    let tensors = reader
+    let tensors: BTreeMap<String, burn_pack::Tensor> = reader
         .into_tensors()
         .map_err(|e| SamError::CorruptRecord(e.to_string()))?
         .into_iter()
         .map(|tensor| (tensor.name.clone(), tensor))
         .collect();
+    let state = metadata
+        .get(STATE_KEY)
+        .ok_or_else(|| SamError::CorruptRecord(format!("metadata `{STATE_KEY}` is missing")))?;
+    let stored = metadata
+        .get(CHECKSUM_KEY)
+        .ok_or_else(|| SamError::CorruptRecord(format!("metadata `{CHECKSUM_KEY}` is missing")))?;
+    let computed = checksum(tensors.values(), state)?;
+    if *stored != computed {
+        return Err(SamError::CorruptRecord(format!(
+            "checksum mismatch (stored {stored}, computed {computed}): the record is damaged"
+        )));
+    }
     Ok((tensors, metadata))
+}
+
+/// CRC-32 over every tensor (name, dtype, shape, bytes, in name order) and the state JSON, so
+/// that truncation or flipped bits are reported instead of loaded.
+fn checksum<'a>(tensors: impl IntoIterator<Item = &'a burn_pack::Tensor>, state: &str) -> Result<String> {
+    let mut sorted: Vec<&burn_pack::Tensor> = tensors.into_iter().collect();
+    sorted.sort_by(|a, b| a.name.cmp(&b.name));
+    let mut hasher = crc32fast::Hasher::new();
+    for tensor in sorted {
+        hasher.update(tensor.name.as_bytes());
+        hasher.update(format!("{:?}{:?}", tensor.dtype, tensor.shape.as_slice()).as_bytes());
+        let bytes = tensor
+            .to_bytes()
+            .map_err(|e| SamError::CorruptRecord(format!("tensor `{}`: {e}", tensor.name)))?;
+        hasher.update(&bytes);
+    }
+    hasher.update(state.as_bytes());
+    Ok(format!("{:08x}", hasher.finalize()))
+}
+
+/// A burnpack writer for `tensors` and the state JSON, sealed with a checksum.
+pub(crate) fn sealed_writer(tensors: Vec<burn_pack::Tensor>, state: &str) -> Result<Writer> {
+    let crc = checksum(&tensors, state)?;
+    Ok(Writer::new(tensors)
+        .with_metadata(STATE_KEY, state)
+        .with_metadata(CHECKSUM_KEY, &crc))
 }
 
 pub(crate) fn pack_tensor(name: String, param_id: Option<u64>, data: TensorData) -> burn_pack::Tensor {
@@ -248,6 +287,9 @@ impl SamEngine {
             )));
         }
         let gate = Gate::from_state(self.config.policy.clone(), state.gate)?;
+        if state.last_stats.is_some_and(|stats| !stats.is_valid()) {
+            return Err(SamError::CorruptRecord("the last PSF statistics are not finite".into()));
+        }
 
         let mut visitor = ShapeVisitor {
             seen: HashSet::new(),
@@ -277,6 +319,11 @@ impl SamEngine {
                     "cached tensor for parameter {id} has no parameter in the module"
                 )));
             };
+            if !data.iter::<f32>().all(f32::is_finite) {
+                return Err(SamError::CorruptRecord(format!(
+                    "cached tensor for parameter {id} holds non-finite values"
+                )));
+            }
             if shape.num_elements() != data.num_elements() {
                 return Err(SamError::RecordMismatch(format!(
                     "cached tensor for parameter {id} has {} values but the parameter has shape {:?}",
@@ -287,7 +334,7 @@ impl SamEngine {
             tensors.insert(ParamId::from(id), Tensor::<1>::from_data(data, device).inner());
         }
         let norm = match cache_norm {
-            Some(data) if data.num_elements() == 1 => {
+            Some(data) if data.num_elements() == 1 && data.iter::<f32>().all(|v| v.is_finite() && v >= 0.0) => {
                 let device = tensors
                     .values()
                     .next()
@@ -297,7 +344,7 @@ impl SamEngine {
             }
             Some(data) => {
                 return Err(SamError::CorruptRecord(format!(
-                    "the cache norm has {} values, expected 1",
+                    "the cache norm must be one finite non-negative value, found {} values",
                     data.num_elements()
                 )))
             }

@@ -66,6 +66,14 @@ pub struct AeSamState {
 }
 
 impl AeSamState {
+    /// Whether the state could have come from this gate (finite statistics).
+    pub(crate) fn is_consistent(&self) -> bool {
+        self.mean.is_none_or(f64::is_finite)
+            && self.variance.is_finite()
+            && self.variance >= 0.0
+            && self.latest.is_none_or(f64::is_finite)
+    }
+
     /// Records ‖g‖² of a finished step. Non-finite values are ignored.
     pub(crate) fn observe(&mut self, config: &AeSamConfig, grad_norm_sq: f64) {
         if !grad_norm_sq.is_finite() {
@@ -92,7 +100,7 @@ impl AeSamState {
     /// observation yet the step runs SAM.
     pub(crate) fn decide(&mut self, config: &AeSamConfig) -> bool {
         let c = config.threshold_multiplier(self.step);
-        self.step += 1;
+        self.step = self.step.saturating_add(1);
         match (self.latest.take(), self.mean) {
             (Some(latest), Some(mean)) => latest >= mean + c * self.variance.sqrt(),
             _ => true,

@@ -165,21 +165,17 @@ impl Gate {
                 policy.name()
             )));
         }
-        if let (GatePolicy::Variation(config), PolicyState::Variation(variation)) = (&policy, &state.policy) {
-            let valid = variation.quota.is_finite()
-                && variation.quota >= 1.0
-                && variation.quota <= config.max_quota()
-                && variation.psf_norms.len() == config.window
-                && variation.ratios.len() == config.window;
-            if !valid {
-                return Err(SamError::RecordMismatch(format!(
-                    "variation state (quota {}, history lengths {}/{}) does not fit window {}",
-                    variation.quota,
-                    variation.psf_norms.len(),
-                    variation.ratios.len(),
-                    config.window
-                )));
-            }
+        let consistent = match (&policy, &state.policy) {
+            (GatePolicy::Variation(config), PolicyState::Variation(variation)) => variation.is_consistent(config),
+            (GatePolicy::AeSam(_), PolicyState::AeSam(ae)) => ae.is_consistent(),
+            _ => true,
+        };
+        if !consistent {
+            return Err(SamError::RecordMismatch(format!(
+                "the `{}` gate state is out of range for this configuration (non-finite statistics, a \
+                 quota outside [1, max], or histories that do not fit the window)",
+                policy.name()
+            )));
         }
         Ok(Self { policy, state })
     }
@@ -198,9 +194,9 @@ impl Gate {
             }
             _ => unreachable!("policy and state kinds are checked at construction"),
         };
-        state.steps += 1;
+        state.steps = state.steps.saturating_add(1);
         if sam {
-            state.sam_steps += 1;
+            state.sam_steps = state.sam_steps.saturating_add(1);
         }
         sam
     }

@@ -13,6 +13,9 @@ use serde::{Deserialize, Serialize};
 use super::PsfStats;
 use crate::error::{Result, SamError};
 
+/// Largest window accepted: the histories hold `window` values each.
+const MAX_WINDOW: usize = 1_000_000;
+
 /// Configuration of the vSAM variation gate.
 ///
 /// The gate keeps a per-window quota `s` of SAM steps. At every window boundary `s` is scaled by
@@ -62,8 +65,12 @@ impl VariationConfig {
     }
 
     pub(crate) fn validate(&self) -> Result<()> {
-        if self.window < 2 {
-            return Err(SamError::invalid("policy.variation.window", self.window, "must be at least 2"));
+        if !(2..=MAX_WINDOW).contains(&self.window) {
+            return Err(SamError::invalid(
+                "policy.variation.window",
+                self.window,
+                "must be in [2, 1000000]",
+            ));
         }
         if self.blocks == 0 || self.window % self.blocks != 0 {
             return Err(SamError::invalid(
@@ -153,6 +160,26 @@ impl VariationState {
         }
     }
 
+    /// Whether the state could have come from a gate with `config` (restored records are
+    /// checked with this before use).
+    pub(crate) fn is_consistent(&self, config: &VariationConfig) -> bool {
+        let finite_non_negative = |v: &f64| v.is_finite() && *v >= 0.0;
+        let k = config.window;
+        self.iteration >= 1
+            && self.iteration < u64::MAX / 2
+            && self.quota.is_finite()
+            && self.quota >= 1.0
+            && self.quota <= config.max_quota()
+            && (0.0..=1.0).contains(&self.probability)
+            && (0..=k as i64).contains(&self.taken)
+            && self.psf_norms.len() == k
+            && self.ratios.len() == k
+            && self.psf_norms.iter().all(finite_non_negative)
+            && self.ratios.iter().all(finite_non_negative)
+            && self.variances.iter().all(finite_non_negative)
+            && self.last_changes.is_none_or(|(r, v)| r.is_finite() && v.is_finite())
+    }
+
     pub(crate) fn in_warmup(&self) -> bool {
         self.warmup_left > 0
     }
@@ -176,10 +203,10 @@ impl VariationState {
         // Short-circuit as the reference does: the draw only happens while the quota is open.
         let drawn = self.taken < quota && rng.random::<f64>() < self.probability;
         let forced = remaining <= quota - self.taken;
-        self.iteration += 1;
+        self.iteration = self.iteration.saturating_add(1);
         let sam = drawn || forced;
         if sam {
-            self.taken += 1;
+            self.taken = self.taken.saturating_add(1);
         }
         sam
     }
