@@ -415,11 +415,13 @@ fn two_cpu_devices_take_the_same_decision_each_step() {
     assert!(params(&model).iter().all(|(_, v)| v.iter().all(|x| x.is_finite())));
 }
 
-/// Distributed data parallel with per-replica SAM state. Burn 0.22 implements the collective
-/// all-reduce for its CubeCL backends only: on ndarray and flex, launching this panics inside
-/// Burn ("Distributed operations are not supported for device …"), so the CPU test suite builds
-/// it (even creating the DDP strategy panics there) and the wgpu suite runs it.
-#[cfg_attr(not(feature = "wgpu"), allow(dead_code))]
+/// Distributed data parallel with per-replica SAM state: built and type-checked in every test
+/// build, run nowhere here. Burn 0.22 implements the collective all-reduce DDP needs only where
+/// devices have a transport between them (CUDA): on ndarray and flex, creating the strategy
+/// panics inside Burn ("Distributed operations are not supported for device …"), and on wgpu the
+/// first all-reduce panics ("Can't use `all_reduce` on wgpu<wgsl>, which has no transport between
+/// its devices"). See docs/learner.md.
+#[allow(dead_code)]
 fn ddp_training(dir: &Path, devices: Vec<Device>) -> (SupervisedTraining<Net>, Learner<Net>) {
     let model = Net {
         sam: SamHandle::per_replica(&vsam()).unwrap(),
@@ -430,18 +432,4 @@ fn ddp_training(dir: &Path, devices: Vec<Device>) -> (SupervisedTraining<Net>, L
     };
     let training = training(dir, 1).with_training_strategy(ExecutionStrategy::ddp(devices, config).into());
     (training, Learner::new(model, base(), LR))
-}
-
-#[cfg(feature = "wgpu")]
-#[test]
-fn ddp_runs_on_one_wgpu_replica() {
-    let dir = tempfile::tempdir().unwrap();
-    let device = burn_sam_sample::backend::select(Some("wgpu")).unwrap();
-    let (training, learner) = ddp_training(dir.path(), vec![device]);
-    // One replica exercises the whole DDP path (worker thread, collective setup, per-replica
-    // engine); several replicas need several GPUs.
-    let handle = learner.model().sam.clone();
-    let result = training.launch(learner);
-    assert!(result.error.is_none(), "{:?}", result.error);
-    assert_eq!(handle.telemetry().step as usize, TRAIN_ITEMS / BATCH);
 }
