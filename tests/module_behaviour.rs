@@ -145,3 +145,25 @@ fn a_zero_gradient_gives_no_perturbation_and_no_nan() {
     let perturbed = engine.perturb(&model, &first).unwrap();
     assert_eq!(params(&perturbed), before, "ε = 0 for g = 0");
 }
+
+#[test]
+fn gradient_checkpointing_is_kept_on_the_perturbed_clone() {
+    let device = device().gradient_checkpointing();
+    let mut model = random_mlp(&device, 6);
+    let (x, y) = random_batch(&device, 12);
+    let strategy = model.l1.weight.val().gradient_checkpointing_strategy();
+    assert!(strategy.is_some());
+
+    let mut engine = SamEngine::new(&SamConfig::sam()).unwrap();
+    let loss = model.loss(&x, &y);
+    let first = engine.first_pass(&model, GradientsParams::from_grads(loss.backward(), &model), &loss);
+    let perturbed = engine.perturb(&model, &first).unwrap();
+    assert_eq!(perturbed.l1.weight.val().gradient_checkpointing_strategy(), strategy);
+
+    // Without the restored strategy the perturbed pass would mix two strategies and panic.
+    let mut sam = SamConfig::vsam(2).init(SgdConfig::new().init()).unwrap();
+    for _ in 0..4 {
+        model = sam.step(0.1, model, |m: &Mlp| (m.loss(&x, &y), ())).0;
+    }
+    assert!(params(&model).iter().all(|(_, v)| v.iter().all(|x| x.is_finite())));
+}

@@ -3,6 +3,8 @@
 //!
 //! - `base`: forward, backward and an SGD-with-momentum step;
 //! - `cheap`: a vSAM cheap step (forward, backward, ‖g‖² on the device, g + β^k·PSF, guard, SGD);
+//! - `cheap_unguarded`: the same without the non-finite guard (no ‖g‖², no mask);
+//! - `cheap_plain`: a cheap step without reuse and without guard: only the engine's bookkeeping;
 //! - `sam`: a SAM step (two forward/backward passes, perturbed clone, PSF, one host read, SGD);
 //! - `two_base`: two base steps, the cost a SAM step is compared with.
 //!
@@ -102,19 +104,27 @@ fn overhead(c: &mut Criterion) {
             })
         });
 
-        // One SAM step first, then every step is cheap and mixes the PSF in.
-        let cheap = SamConfig::new()
-            .with_policy(GatePolicy::Periodic { k: usize::MAX })
-            .with_reuse(ReusePolicy::DecayedPsf { beta: 0.999_999, max_reuse: u32::MAX });
-        let mut sam = cheap.init(base()).unwrap();
-        model = sam_step(model.clone(), &mut sam, &x, &y);
-        group.bench_function(BenchmarkId::new("cheap", name), |b| {
-            b.iter(|| {
-                model = sam_step(model.clone(), &mut sam, &x, &y);
-                let _ = device.sync();
-            })
-        });
-        assert_eq!(sam.telemetry().sam_steps, 1, "only the first step was a SAM step");
+        // One SAM step first, then every step is cheap (and mixes the PSF in, where reused).
+        let cheap_variants = [
+            ("cheap", ReusePolicy::DecayedPsf { beta: 0.999_999, max_reuse: u32::MAX }, true),
+            ("cheap_unguarded", ReusePolicy::DecayedPsf { beta: 0.999_999, max_reuse: u32::MAX }, false),
+            ("cheap_plain", ReusePolicy::None, false),
+        ];
+        for (label, reuse, guard) in cheap_variants {
+            let config = SamConfig::new()
+                .with_policy(GatePolicy::Periodic { k: usize::MAX })
+                .with_reuse(reuse)
+                .with_guard_non_finite(guard);
+            let mut sam = config.init(base()).unwrap();
+            model = sam_step(model.clone(), &mut sam, &x, &y);
+            group.bench_function(BenchmarkId::new(label, name), |b| {
+                b.iter(|| {
+                    model = sam_step(model.clone(), &mut sam, &x, &y);
+                    let _ = device.sync();
+                })
+            });
+            assert_eq!(sam.telemetry().sam_steps, 1, "only the first step was a SAM step");
+        }
 
         let mut sam = SamConfig::sam().init(base()).unwrap();
         group.bench_function(BenchmarkId::new("sam", name), |b| {

@@ -357,6 +357,45 @@ mod tests {
     }
 
     #[test]
+    fn out_of_range_restored_states_are_refused() {
+        let config = VariationConfig::new().with_warmup_steps(3);
+        let policy = GatePolicy::Variation(config.clone());
+        let mut gate = Gate::new(policy.clone(), 1).unwrap();
+        for _ in 0..10 {
+            if gate.decide() {
+                gate.observe_sam(PsfStats { psf_norm: 1.0, ratio: 0.5 });
+            }
+        }
+        let good = gate.state().clone();
+        assert!(Gate::from_state(policy.clone(), good.clone()).is_ok());
+        let edits: Vec<(&str, Box<dyn Fn(&mut VariationState)>)> = vec![
+            ("NaN quota", Box::new(|v| v.quota = f64::NAN)),
+            ("quota above the cap", Box::new(|v| v.quota = 41.0)),
+            ("quota below 1", Box::new(|v| v.quota = 0.5)),
+            ("probability", Box::new(|v| v.probability = 2.0)),
+            ("taken", Box::new(|v| v.taken = i64::MIN)),
+            ("iteration", Box::new(|v| v.iteration = u64::MAX)),
+            ("history length", Box::new(|v| {
+                v.ratios.pop_back();
+            })),
+            ("infinite history", Box::new(|v| v.psf_norms[3] = f64::INFINITY)),
+            ("negative variance", Box::new(|v| v.variances.push(-1.0))),
+        ];
+        for (what, edit) in edits {
+            let mut state = good.clone();
+            let PolicyState::Variation(variation) = &mut state.policy else { unreachable!() };
+            edit(variation);
+            let err = Gate::from_state(policy.clone(), state).unwrap_err();
+            assert!(matches!(err, SamError::RecordMismatch(_)), "{what}: {err}");
+        }
+
+        let ae = GatePolicy::AeSam(AeSamConfig::new(10));
+        let mut state = Gate::new(ae.clone(), 0).unwrap().state().clone();
+        state.policy = PolicyState::AeSam(AeSamState { mean: Some(f64::NAN), ..AeSamState::default() });
+        assert!(Gate::from_state(ae, state).is_err());
+    }
+
+    #[test]
     fn state_of_another_policy_is_refused() {
         let gate = Gate::new(GatePolicy::Always, 0).unwrap();
         let err = Gate::from_state(GatePolicy::Variation(VariationConfig::new()), gate.state().clone()).unwrap_err();
