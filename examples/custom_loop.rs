@@ -16,7 +16,7 @@ use burn::optim::{decay::WeightDecayConfig, momentum::MomentumConfig, SgdConfig}
 use burn_sam_sample::backend;
 use burn_sam_sample_examples::correct;
 use burn_sam_sample_examples::fashion::{subset, FashionBatch, FashionBatcher, FashionMnist};
-use burn_sam_sample_examples::methods::Method;
+use burn_sam_sample_examples::cli::TrainArgs;
 use burn_sam_sample_examples::model::{Cnn, CnnConfig};
 use clap::Parser;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -24,33 +24,8 @@ use indicatif::{ProgressBar, ProgressStyle};
 /// Train the Fashion-MNIST CNN in a custom loop.
 #[derive(Parser, Debug)]
 struct Args {
-    /// The method.
-    #[arg(long, value_enum, default_value = "vsam")]
-    method: Method,
-    /// Training epochs.
-    #[arg(long, default_value_t = 2)]
-    epochs: usize,
-    /// Batch size.
-    #[arg(long, default_value_t = 128)]
-    batch_size: usize,
-    /// Peak learning rate (cosine decay to 0).
-    #[arg(long, default_value_t = 0.05)]
-    lr: f64,
-    /// SAM radius ρ (default: 0.05; ASAM: 0.5).
-    #[arg(long)]
-    rho: Option<f64>,
-    /// Seed of the model, data order and gate.
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
-    /// Folder with the four Fashion-MNIST files.
-    #[arg(long)]
-    data_dir: Option<PathBuf>,
-    /// Train on the first N training images only.
-    #[arg(long)]
-    train_subset: Option<usize>,
-    /// Backend: ndarray, flex, wgpu or cuda.
-    #[arg(long)]
-    backend: Option<String>,
+    #[command(flatten)]
+    train: TrainArgs,
     /// Where to save the model and optimizer state after each epoch.
     #[arg(long, default_value = "target/custom-loop")]
     artifact_dir: PathBuf,
@@ -69,14 +44,14 @@ fn evaluate(model: &Cnn, loader: &dyn DataLoader<FashionBatch>) -> Result<f64, B
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
-    let args = Args::parse();
+    let Args { train: args, artifact_dir } = Args::parse();
     let device = backend::select(args.backend.as_deref())?;
     let train_device = device.clone().autodiff();
     let data = FashionMnist::load(args.data_dir.as_deref())?;
     let train = subset(&data.train, args.train_subset);
     let steps_per_epoch = train.len().div_ceil(args.batch_size);
     let total_steps = steps_per_epoch * args.epochs;
-    let warmup = (total_steps * 3).div_ceil(200).max(50);
+    let warmup = args.warmup(total_steps);
 
     let train_loader = DataLoaderBuilder::new(FashionBatcher::plain())
         .batch_size(args.batch_size)
@@ -96,7 +71,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .init();
     let mut optim = args.method.config(total_steps, warmup, args.rho, args.seed).init(base)?;
     let loss_fn = CrossEntropyLossConfig::new().init(&train_device);
-    std::fs::create_dir_all(&args.artifact_dir)?;
+    std::fs::create_dir_all(&artifact_dir)?;
 
     let bar = ProgressBar::new(total_steps as u64);
     bar.set_style(ProgressStyle::with_template(
@@ -127,8 +102,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let accuracy = evaluate(&model, test_loader.as_ref())?;
         bar.println(format!("epoch {epoch}: test accuracy {:.2}%", accuracy * 100.0));
         // Model and optimizer state together allow an exact restart from this point.
-        model.clone().save_file(args.artifact_dir.join(format!("model-{epoch}.bpk")))?;
-        optim.save(args.artifact_dir.join(format!("optim-{epoch}.bpk")))?;
+        model.clone().save_file(artifact_dir.join(format!("model-{epoch}.bpk")))?;
+        optim.save(artifact_dir.join(format!("optim-{epoch}.bpk")))?;
     }
     bar.finish_and_clear();
     let t = optim.telemetry();

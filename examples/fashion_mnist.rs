@@ -26,6 +26,7 @@ use burn_sam_sample::learner::{
 };
 use burn_sam_sample::backend;
 use burn_sam_sample_examples::fashion::{subset, FashionBatch, FashionBatcher, FashionMnist};
+use burn_sam_sample_examples::cli::TrainArgs;
 use burn_sam_sample_examples::methods::Method;
 use burn_sam_sample_examples::model::{Cnn, CnnConfig};
 use burn_sam_sample_examples::correct;
@@ -35,44 +36,14 @@ use clap::Parser;
 #[derive(Parser, Debug)]
 #[command(version)]
 struct Args {
-    /// The method.
-    #[arg(long, value_enum, default_value = "vsam")]
-    method: Method,
-    /// Training epochs.
-    #[arg(long, default_value_t = 3)]
-    epochs: usize,
-    /// Batch size.
-    #[arg(long, default_value_t = 128)]
-    batch_size: usize,
-    /// Peak learning rate (cosine decay to 0 over the run).
-    #[arg(long, default_value_t = 0.05)]
-    lr: f64,
-    /// SAM radius ρ (default: 0.05; ASAM: 0.5).
-    #[arg(long)]
-    rho: Option<f64>,
-    /// Seed of the model, the data order, the augmentation and the gate.
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
-    /// Folder with the four Fashion-MNIST files (searched before $FASHION_MNIST_DIR,
-    /// /usr/share/datasets/fashion-mnist and Burn's cache).
-    #[arg(long)]
-    data_dir: Option<PathBuf>,
-    /// Train on the first N training images only (quick runs).
-    #[arg(long)]
-    train_subset: Option<usize>,
+    #[command(flatten)]
+    train: TrainArgs,
     /// Evaluate on the first N test images only.
     #[arg(long)]
     test_subset: Option<usize>,
-    /// vSAM's all-SAM warm-up in steps (default: 1.5 % of the run, as the authors' 3 of 200
-    /// epochs, and at least one window of 50 steps).
-    #[arg(long)]
-    warmup_steps: Option<usize>,
     /// Random shifts and flips of the training images.
     #[arg(long)]
     augment: bool,
-    /// Backend: ndarray, flex, wgpu or cuda (default: the most capable one compiled in).
-    #[arg(long)]
-    backend: Option<String>,
     /// Data-loader worker threads.
     #[arg(long, default_value_t = 2)]
     workers: usize,
@@ -129,15 +100,16 @@ impl InferenceStep for Classifier {
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
-    let args = Args::parse();
+    let options = Args::parse();
+    let args = &options.train;
     let device = backend::select(args.backend.as_deref())?;
 
     let data = FashionMnist::load(args.data_dir.as_deref())?;
     let train = subset(&data.train, args.train_subset);
-    let test = subset(&data.test, args.test_subset);
+    let test = subset(&data.test, options.test_subset);
     let steps_per_epoch = train.len().div_ceil(args.batch_size);
     let total_steps = steps_per_epoch * args.epochs;
-    let warmup = args.warmup_steps.unwrap_or_else(|| (total_steps * 3).div_ceil(200).max(50));
+    let warmup = args.warmup(total_steps);
     println!(
         "data: {} train / {} test images from {}; backend {device:?}; method {}; {} epochs × {steps_per_epoch} steps{}",
         train.len(),
@@ -157,18 +129,18 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     };
     let sam = model.sam.clone();
 
-    let train_loader = DataLoaderBuilder::new(if args.augment {
+    let train_loader = DataLoaderBuilder::new(if options.augment {
         FashionBatcher::augmented(args.seed)
     } else {
         FashionBatcher::plain()
     })
     .batch_size(args.batch_size)
     .shuffle(args.seed)
-    .num_workers(args.workers)
+    .num_workers(options.workers)
     .build(train);
     let test_loader = DataLoaderBuilder::new(FashionBatcher::plain())
         .batch_size(256)
-        .num_workers(args.workers)
+        .num_workers(options.workers)
         .build(test);
 
     let base = SgdConfig::new()
@@ -177,16 +149,16 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .init();
     let schedule = CosineAnnealingLrSchedulerConfig::new(args.lr, total_steps.max(1)).init()?;
 
-    let mut training = SupervisedTraining::new(&args.artifact_dir, train_loader, test_loader.clone())
+    let mut training = SupervisedTraining::new(&options.artifact_dir, train_loader, test_loader.clone())
         .num_epochs(args.epochs)
         .metrics((AccuracyMetric::new(), LossMetric::new()))
         .metric_train_numeric(SamFractionMetric::new())
         .metric_train_numeric(GradientPassesMetric::new())
         .metric_train_numeric(SamQuotaMetric::new())
         .metric_train_numeric(PsfRatioMetric::new())
-        .with_sam_checkpointing(&args.artifact_dir, &sam, KeepLastNCheckpoints::new(2))
+        .with_sam_checkpointing(&options.artifact_dir, &sam, KeepLastNCheckpoints::new(2))
         .summary();
-    if let Some(epoch) = args.resume {
+    if let Some(epoch) = options.resume {
         training = training.checkpoint(epoch);
     }
 
@@ -216,7 +188,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         telemetry.step,
         telemetry.non_finite_steps,
     );
-    if let Some(min) = args.min_accuracy {
+    if let Some(min) = options.min_accuracy {
         if accuracy <= min {
             return Err(format!("test accuracy {:.4} is not above the required {min}", accuracy).into());
         }

@@ -4,9 +4,7 @@ use burn::optim::{momentum::MomentumConfig, ModuleOptimizer, SgdConfig};
 use burn::tensor::Bytes;
 use burn_sam_sample::policy::{AeSamConfig, GatePolicy, VariationConfig};
 use burn_sam_sample::{SamConfig, SamError, SamOptimizer};
-use burn_sam_sample_tests::{device, params, random_batch, random_mlp, Mlp};
-
-const LR: f64 = 0.05;
+use burn_sam_sample_tests::{device, params, random_mlp, train_steps, Mlp};
 
 fn base() -> ModuleOptimizer {
     SgdConfig::new()
@@ -28,15 +26,8 @@ fn configs() -> Vec<(&'static str, SamConfig)> {
     ]
 }
 
-fn train(sam: &mut SamOptimizer, mut model: Mlp, steps: std::ops::Range<u64>, decisions: &mut Vec<bool>) -> Mlp {
-    let device = device();
-    for step in steps {
-        let (x, y) = random_batch(&device, 1_000 + step);
-        let (next, out) = sam.step(LR, model, |m: &Mlp| (m.loss(&x, &y), ()));
-        decisions.push(out.telemetry.sam);
-        model = next;
-    }
-    model
+fn train(sam: &mut SamOptimizer, model: Mlp, steps: std::ops::Range<u64>, decisions: &mut Vec<bool>) -> Mlp {
+    train_steps(sam, model, steps, 1000, decisions)
 }
 
 enum Via {

@@ -7,7 +7,7 @@ use burn::tensor::Bytes;
 use burn_sam_sample::policy::{AeSamConfig, GatePolicy, VariationConfig};
 use burn_sam_sample::reuse::ReusePolicy;
 use burn_sam_sample::{SamConfig, SamError, SamOptimizer, SamOptimizerRecord};
-use burn_sam_sample_tests::{device, params, random_batch, random_mlp, Mlp};
+use burn_sam_sample_tests::{device, params, random_batch, random_mlp, train_steps, Mlp};
 use proptest::prelude::*;
 use rand::{Rng, SeedableRng};
 
@@ -34,15 +34,8 @@ fn corpus_configs() -> Vec<(&'static str, SamConfig)> {
     ]
 }
 
-fn train(sam: &mut SamOptimizer, mut model: Mlp, steps: std::ops::Range<u64>, decisions: &mut Vec<bool>) -> Mlp {
-    let device = device();
-    for step in steps {
-        let (x, y) = random_batch(&device, 500 + step);
-        let (next, out) = sam.step(LR, model, |m: &Mlp| (m.loss(&x, &y), ()));
-        decisions.push(out.telemetry.sam);
-        model = next;
-    }
-    model
+fn train(sam: &mut SamOptimizer, model: Mlp, steps: std::ops::Range<u64>, decisions: &mut Vec<bool>) -> Mlp {
+    train_steps(sam, model, steps, 500, decisions)
 }
 
 /// Valid records after 9 steps of each configuration (the seed corpus), and the model each

@@ -1,6 +1,7 @@
 //! Pieces shared by the examples and benchmarks: the Fashion-MNIST data, the CNN, the methods,
 //! and a seeded synthetic task.
 
+pub mod cli;
 pub mod fashion;
 pub mod methods;
 pub mod model;

@@ -170,3 +170,22 @@ pub fn assert_close(actual: &[f64], expected: &[f64], tol: f64, what: &str) {
         assert!((a - e).abs() <= tol, "{what}[{i}]: {a} vs {e} (tolerance {tol})");
     }
 }
+
+/// Trains `model` with `sam` at learning rate 0.05 on the seeded batches `batch_seed + step` for
+/// each step of `steps`, appending each step's gate decision to `decisions`.
+pub fn train_steps(
+    sam: &mut burn_sam_sample::SamOptimizer,
+    mut model: Mlp,
+    steps: std::ops::Range<u64>,
+    batch_seed: u64,
+    decisions: &mut Vec<bool>,
+) -> Mlp {
+    let device = device();
+    for step in steps {
+        let (x, y) = random_batch(&device, batch_seed + step);
+        let (next, out) = sam.step(0.05, model, |m: &Mlp| (m.loss(&x, &y), ()));
+        decisions.push(out.telemetry.sam);
+        model = next;
+    }
+    model
+}
