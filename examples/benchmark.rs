@@ -531,7 +531,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let _ = writeln!(report, "# Benchmarks\n");
     let _ = writeln!(
         report,
-        "Written by `examples/benchmark.rs`. Every number below comes from the one run described here.\n"
+        "Written by `examples/benchmark.rs`. The tables and plots come from the one run described here; the hand-written sections after them name the command behind each of their numbers.\n"
     );
     let _ = writeln!(report, "- command: `cargo run --release -p burn-sam-sample-examples --example benchmark -- {}`", command[1..].join(" "));
     let _ = writeln!(report, "- machine: {}; backend {device:?}", args.machine);
