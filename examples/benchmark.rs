@@ -158,7 +158,7 @@ impl RunResult {
 
 /// Same items, with a fraction of the labels replaced by a uniformly drawn different class.
 fn with_label_noise(data: &InMemDataset<FashionItem>, fraction: f64, seed: u64) -> InMemDataset<FashionItem> {
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ 0x6e6f_6973_65);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ 0x6e_6f69_7365);
     let items = (0..data.len())
         .filter_map(|i| data.get(i).ok())
         .map(|mut item| {

@@ -89,7 +89,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             model = next;
             step += 1;
             bar.inc(1);
-            if step % 20 == 0 {
+            if step.is_multiple_of(20) {
                 let t = out.telemetry;
                 bar.set_message(format!(
                     "loss {:.3}, SAM fraction {:.2}, quota {}",

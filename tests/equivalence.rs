@@ -140,8 +140,8 @@ fn decayed_psf_adds_beta_powers_for_six_steps_then_nothing() {
             assert!((d - expected).abs() < 1e-6, "k = {k}, [{i}]: {d} vs {expected}");
         }
     }
-    for k in 7..10 {
-        assert_eq!(dirs[k], g, "k = {k}: the PSF has expired");
+    for (k, dir) in dirs.iter().enumerate().take(10).skip(7) {
+        assert_eq!(dir, &g, "k = {k}: the PSF has expired");
     }
 }
 

@@ -31,7 +31,7 @@ impl ParamContext {
 
     fn restore<const D: usize>(&self, inner: Tensor<D>, id: ParamId) -> Tensor<D> {
         let mut parameter = Tensor::from_inner(inner);
-        if let Some(strategy) = self.checkpointing.clone() {
+        if let Some(strategy) = self.checkpointing {
             parameter = parameter.with_gradient_checkpointing_strategy(strategy);
         }
         if self.require_grad {

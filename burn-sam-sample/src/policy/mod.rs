@@ -186,7 +186,7 @@ impl Gate {
         let sam = match (&self.policy, &mut state.policy) {
             (GatePolicy::Always, _) => true,
             (GatePolicy::Never, _) => false,
-            (GatePolicy::Periodic { k }, _) => state.steps % *k as u64 == 0,
+            (GatePolicy::Periodic { k }, _) => state.steps.is_multiple_of(*k as u64),
             (GatePolicy::Bernoulli { p }, _) => state.rng.random::<f64>() < *p,
             (GatePolicy::AeSam(config), PolicyState::AeSam(ae)) => ae.decide(config),
             (GatePolicy::Variation(config), PolicyState::Variation(variation)) => {
@@ -368,7 +368,8 @@ mod tests {
         }
         let good = gate.state().clone();
         assert!(Gate::from_state(policy.clone(), good.clone()).is_ok());
-        let edits: Vec<(&str, Box<dyn Fn(&mut VariationState)>)> = vec![
+        type Edit = (&'static str, Box<dyn Fn(&mut VariationState)>);
+        let edits: Vec<Edit> = vec![
             ("NaN quota", Box::new(|v| v.quota = f64::NAN)),
             ("quota above the cap", Box::new(|v| v.quota = 41.0)),
             ("quota below 1", Box::new(|v| v.quota = 0.5)),
@@ -418,7 +419,7 @@ mod tests {
             for step in 0..3_000usize {
                 let sam = gate.decide();
                 if sam {
-                    let (n, r) = if zeros && sample % 3 == 0 { (0.0, 0.0) } else { stats[sample % stats.len()] };
+                    let (n, r) = if zeros && sample.is_multiple_of(3) { (0.0, 0.0) } else { stats[sample % stats.len()] };
                     gate.observe_sam(PsfStats { psf_norm: n, ratio: r });
                     sample += 1;
                 }

@@ -72,7 +72,7 @@ impl VariationConfig {
                 "must be in [2, 1000000]",
             ));
         }
-        if self.blocks == 0 || self.window % self.blocks != 0 {
+        if self.blocks == 0 || !self.window.is_multiple_of(self.blocks) {
             return Err(SamError::invalid(
                 "policy.variation.blocks",
                 self.blocks,
@@ -194,7 +194,7 @@ impl VariationState {
             return true;
         }
         let k = config.window as u64;
-        if self.iteration % k == 0 {
+        if self.iteration.is_multiple_of(k) {
             self.update_quota(config);
         }
         let quota = self.quota.floor() as i64;
