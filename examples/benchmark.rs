@@ -2,6 +2,9 @@
 //! (SGD + momentum), cosine schedule, augmentation and data order per seed for every method.
 //! Writes a markdown report with the results table and SVG plots.
 //!
+//! Required features: one backend, `ndarray` or `flex` (both on by default), `wgpu` or `cuda`;
+//! `--backend` picks among those compiled in.
+//!
 //! ```text
 //! cargo run --release -p burn-sam-sample-examples --example benchmark -- --out docs/benchmarks.md
 //! cargo run --release -p burn-sam-sample-examples --example benchmark -- --quick --out target/quick.md

@@ -1,6 +1,9 @@
 //! The Fashion-MNIST CNN trained in a hand-written loop with `SamOptimizer::step` and its
 //! closure: no Learner. Shows the telemetry, saving the optimizer state, and resuming from it.
 //!
+//! Required features: one backend, `ndarray` or `flex` (both on by default), `wgpu` or `cuda`;
+//! `--backend` picks among those compiled in.
+//!
 //! ```text
 //! cargo run --release -p burn-sam-sample-examples --example custom_loop -- --method vsam --epochs 2
 //! ```

@@ -1,6 +1,9 @@
 //! Fashion-MNIST with a small CNN (conv + BatchNorm + pooling) trained through Burn's Learner,
 //! with vSAM or any other member of the family in front of SGD with momentum.
 //!
+//! Required features: one backend, `ndarray` or `flex` (both on by default), `wgpu` or `cuda`;
+//! `--backend` picks among those compiled in.
+//!
 //! ```text
 //! sudo apt-get install dataset-fashion-mnist          # or --data-dir / FASHION_MNIST_DIR
 //! cargo run --release -p burn-sam-sample-examples --example fashion_mnist -- --method vsam --epochs 3

@@ -1,5 +1,8 @@
 //! Quick start: SGD, SAM and vSAM side by side on a small synthetic task, in seconds on a CPU.
 //!
+//! Required features: one backend, `ndarray` or `flex` (both on by default), `wgpu` or `cuda`;
+//! `--backend` picks among those compiled in.
+//!
 //! ```text
 //! cargo run --release -p burn-sam-sample-examples --example quickstart
 //! ```

@@ -1,6 +1,9 @@
 //! Soak test: 20,000 vSAM steps of a small MLP; reports resident memory after warm-up and at the
 //! end, and the number of cached tensors, to show that nothing grows.
 //!
+//! Required features: one backend, `ndarray` or `flex` (both on by default), `wgpu` or `cuda`;
+//! `--backend` picks among those compiled in.
+//!
 //! ```text
 //! cargo run --release -p burn-sam-sample-examples --example soak -- --steps 20000
 //! ```

@@ -1,6 +1,9 @@
 //! Pieces shared by the examples and benchmarks: the Fashion-MNIST data, the CNN, the methods,
 //! and a seeded synthetic task.
 
+#[cfg(all(feature = "backend", not(any(feature = "ndarray", feature = "flex", feature = "wgpu", feature = "cuda"))))]
+compile_error!("the examples need a backend: enable one of the features `ndarray`, `flex`, `wgpu` or `cuda`");
+
 pub mod cli;
 pub mod fashion;
 pub mod methods;
