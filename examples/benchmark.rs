@@ -477,6 +477,18 @@ fn plot_trace(path: &Path, run: &RunResult, window: usize) -> PlotResult {
     Ok(())
 }
 
+/// `arg` as a POSIX shell word, so that the reproduce command in the report pastes as is.
+fn shell_quote(arg: &str) -> String {
+    let plain = |c: char| c.is_ascii_alphanumeric() || "-_./,=:+@%".contains(c);
+    if !arg.is_empty() && arg.chars().all(plain) {
+        arg.to_string()
+    } else if !arg.contains(['"', '$', '`', '\\', '!']) {
+        format!("\"{arg}\"")
+    } else {
+        format!("'{}'", arg.replace('\'', r"'\''"))
+    }
+}
+
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
     let mut args = Args::parse();
@@ -536,7 +548,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         report,
         "Written by `examples/benchmark.rs`. The tables and plots come from the one run described here; the hand-written sections after them name the command behind each of their numbers.\n"
     );
-    let _ = writeln!(report, "- command: `cargo run --release -p burn-sam-sample-examples --example benchmark -- {}`", command[1..].join(" "));
+    let _ = writeln!(report, "- command: `cargo run --release -p burn-sam-sample-examples --example benchmark -- {}`", command[1..].iter().map(|arg| shell_quote(arg)).collect::<Vec<_>>().join(" "));
     let _ = writeln!(report, "- machine: {}; backend {device:?}", args.machine);
     let _ = writeln!(
         report,
