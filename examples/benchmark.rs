@@ -23,7 +23,7 @@ use burn::prelude::*;
 use burn_sam_sample::backend;
 use burn_sam_sample_examples::correct;
 use burn_sam_sample_examples::fashion::{subset, FashionBatch, FashionBatcher, FashionItem, FashionMnist};
-use burn_sam_sample_examples::methods::Method;
+use burn_sam_sample_examples::methods::{cosine_lr, scaled_warmup, Method};
 use burn_sam_sample_examples::model::{Cnn, CnnConfig};
 use clap::Parser;
 use plotters::prelude::*;
@@ -200,7 +200,7 @@ fn run(
     let total_steps = steps_per_epoch * args.epochs;
     let warmup = match variant.fixed_warmup_epochs {
         Some(epochs) => epochs * steps_per_epoch,
-        None => (total_steps * 3).div_ceil(200).max(50),
+        None => scaled_warmup(total_steps),
     };
     let config = variant.method.config(total_steps, warmup, None, seed);
     train_device.seed(seed);
@@ -224,7 +224,7 @@ fn run(
         for chunk in order.chunks(args.batch_size) {
             let items: Vec<FashionItem> = chunk.iter().filter_map(|&i| train.get(i).ok()).collect();
             let batch = batcher.batch(items, &train_device);
-            let lr = args.lr * 0.5 * (1.0 + (std::f64::consts::PI * step as f64 / total_steps as f64).cos());
+            let lr = cosine_lr(args.lr, step, total_steps);
             let start = Instant::now();
             let (next, out) = optim.step(lr, model, |m: &Cnn| {
                 (loss_fn.forward(m.forward(batch.images.clone()), batch.targets.clone()), ())
@@ -573,7 +573,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let _ = writeln!(
         report,
         "- vSAM warm-up: `vsam` scales the authors' 3-of-200-epoch warm-up (1.5 %) to this run, with at least one 50-step window: {} steps; `vsam-3ep` keeps the authors' fixed 3 epochs: {} steps",
-        (steps_per_epoch * args.epochs * 3).div_ceil(200).max(50),
+        scaled_warmup(steps_per_epoch * args.epochs),
         3 * steps_per_epoch
     );
     let _ = writeln!(report, "- training time counts the optimizer steps only (forward, backward, SAM machinery, update), not evaluation");

@@ -18,6 +18,7 @@ use burn::nn::loss::CrossEntropyLossConfig;
 use burn::optim::{decay::WeightDecayConfig, momentum::MomentumConfig, SgdConfig};
 use burn_sam_sample::backend;
 use burn_sam_sample_examples::correct;
+use burn_sam_sample_examples::methods::cosine_lr;
 use burn_sam_sample_examples::fashion::{subset, FashionBatch, FashionBatcher, FashionMnist};
 use burn_sam_sample_examples::cli::TrainArgs;
 use burn_sam_sample_examples::model::{Cnn, CnnConfig};
@@ -85,7 +86,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     for epoch in 1..=args.epochs {
         for batch in train_loader.iter() {
             let batch = batch?;
-            let lr = args.lr * 0.5 * (1.0 + (std::f64::consts::PI * step as f64 / total_steps as f64).cos());
+            let lr = cosine_lr(args.lr, step, total_steps);
             let (next, out) = optim.step(lr, model, |m: &Cnn| {
                 (loss_fn.forward(m.forward(batch.images.clone()), batch.targets.clone()), ())
             });

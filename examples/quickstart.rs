@@ -13,7 +13,6 @@ use burn::nn::loss::CrossEntropyLossConfig;
 use burn::nn::{Linear, LinearConfig, Relu};
 use burn::optim::{momentum::MomentumConfig, SgdConfig};
 use burn::prelude::*;
-use burn_sam_sample::policy::{GatePolicy, VariationConfig};
 use burn_sam_sample::{backend, SamConfig};
 use burn_sam_sample_examples::{accuracy, spirals};
 use clap::Parser;
@@ -70,12 +69,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let methods = [
         ("sgd", SamConfig::base_only()),
         ("sam", SamConfig::sam()),
-        (
-            "vsam",
-            SamConfig::new().with_policy(GatePolicy::Variation(
-                VariationConfig::new().with_warmup_steps(warmup),
-            )),
-        ),
+        ("vsam", SamConfig::vsam(warmup)),
     ];
     println!("{:<6} {:>10} {:>9} {:>12} {:>13} {:>8}", "method", "train loss", "test acc", "SAM fraction", "passes/step", "time");
     for (name, config) in methods {

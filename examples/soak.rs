@@ -14,7 +14,6 @@ use burn::nn::{Linear, LinearConfig, Relu};
 use burn::optim::{momentum::MomentumConfig, SgdConfig};
 use burn::prelude::*;
 use burn::tensor::Distribution;
-use burn_sam_sample::policy::{GatePolicy, VariationConfig};
 use burn_sam_sample::{backend, SamConfig};
 use clap::Parser;
 
@@ -54,7 +53,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         relu: Relu::new(),
     };
     let warmup = 200;
-    let config = SamConfig::new().with_policy(GatePolicy::Variation(VariationConfig::new().with_warmup_steps(warmup)));
+    let config = SamConfig::vsam(warmup);
     let base = SgdConfig::new().with_momentum(Some(MomentumConfig::new())).init();
     let mut optim = config.init(base)?;
     let x = Tensor::<2>::random([64, 32], Distribution::Normal(0.0, 1.0), &device);

@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use crate::methods::Method;
+use crate::methods::{scaled_warmup, Method};
 
 /// What to train and how: flattened into each example's own options.
 #[derive(clap::Args, Debug, Clone)]
@@ -44,6 +44,6 @@ pub struct TrainArgs {
 impl TrainArgs {
     /// vSAM's warm-up for a run of `total_steps` steps.
     pub fn warmup(&self, total_steps: usize) -> usize {
-        self.warmup_steps.unwrap_or_else(|| (total_steps * 3).div_ceil(200).max(50))
+        self.warmup_steps.unwrap_or_else(|| scaled_warmup(total_steps))
     }
 }

@@ -1,7 +1,5 @@
 //! The methods the examples and benchmarks compare, as [`SamConfig`]s.
 
-use burn_sam_sample::policy::{AeSamConfig, GatePolicy, VariationConfig};
-use burn_sam_sample::reuse::ReusePolicy;
 use burn_sam_sample::SamConfig;
 
 /// A member of the SAM family.
@@ -55,13 +53,9 @@ impl Method {
             Method::Sgd => SamConfig::base_only(),
             Method::Sam => SamConfig::sam(),
             Method::Asam => SamConfig::asam(),
-            Method::Vsam => SamConfig::new()
-                .with_policy(GatePolicy::Variation(VariationConfig::new().with_warmup_steps(warmup_steps)))
-                .with_reuse(ReusePolicy::decayed_psf()),
+            Method::Vsam => SamConfig::vsam(warmup_steps),
             Method::Looksam => SamConfig::look_sam(5, 0.7),
-            Method::Aesam => SamConfig::new()
-                .with_policy(GatePolicy::AeSam(AeSamConfig::new(total_steps.max(1))))
-                .with_reuse(ReusePolicy::None),
+            Method::Aesam => SamConfig::ae_sam(total_steps.max(1)),
             Method::Rst => SamConfig::rst(0.5),
         };
         let config = match rho {
@@ -70,4 +64,15 @@ impl Method {
         };
         config.with_seed(seed)
     }
+}
+
+/// vSAM's all-SAM warm-up for a run of `total_steps` steps: the authors' 3 of 200 epochs (1.5 %),
+/// and at least one 50-step window so that the gate has statistics to start from.
+pub fn scaled_warmup(total_steps: usize) -> usize {
+    (total_steps * 3).div_ceil(200).max(50)
+}
+
+/// The learning rate at `step` of `total_steps` under a cosine decay from `peak` to 0.
+pub fn cosine_lr(peak: f64, step: usize, total_steps: usize) -> f64 {
+    peak * 0.5 * (1.0 + (std::f64::consts::PI * step as f64 / total_steps.max(1) as f64).cos())
 }
