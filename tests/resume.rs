@@ -2,7 +2,7 @@
 
 use burn::optim::{momentum::MomentumConfig, ModuleOptimizer, SgdConfig};
 use burn::tensor::Bytes;
-use burn_sam_sample::policy::{AeSamConfig, GatePolicy, VariationConfig};
+use burn_sam_sample::policy::{AeSamConfig, GatePolicy, TrendConfig, VariationConfig};
 use burn_sam_sample::{SamConfig, SamError, SamOptimizer};
 use burn_sam_sample_tests::{device, params, random_mlp, train_steps, Mlp};
 
@@ -19,6 +19,12 @@ fn configs() -> Vec<(&'static str, SamConfig)> {
         .with_warmup_steps(4);
     vec![
         ("vsam", SamConfig::new().with_policy(GatePolicy::Variation(variation)).with_seed(3)),
+        (
+            "vsam-trend",
+            SamConfig::vsam_trend().with_policy(GatePolicy::Trend(
+                TrendConfig::new().with_warmup_steps(4).with_history(5).with_base_fraction(0.3),
+            )),
+        ),
         ("looksam", SamConfig::look_sam(3, 0.5)),
         ("ae-sam", SamConfig::ae_sam(30).with_policy(GatePolicy::AeSam(AeSamConfig::new(30).with_delta(0.5)))),
         ("rst", SamConfig::rst(0.4).with_seed(5)),

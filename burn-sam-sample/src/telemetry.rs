@@ -21,7 +21,10 @@ pub struct StepTelemetry {
     pub sam_fraction: f64,
     /// The vSAM quota s (SAM steps per window), for the variation gate.
     pub quota: Option<f64>,
-    /// Whether the vSAM gate is still in its all-SAM warm-up.
+    /// The fraction of SAM steps the gate aims at now: s/K (floored quota) for the variation
+    /// gate, the current rate for the paced gate.
+    pub target_fraction: Option<f64>,
+    /// Whether the vSAM or paced gate is still in its all-SAM warm-up.
     pub warmup: bool,
     /// ‖PSF‖ over the last N tensors at the last successful SAM step.
     pub psf_norm: Option<f64>,

@@ -47,3 +47,73 @@ impl TrainArgs {
         self.warmup_steps.unwrap_or_else(|| scaled_warmup(total_steps))
     }
 }
+
+/// clap value parsers that check a number where it is parsed, so that a bad value is a usage
+/// error (exit 2) whose message names the flag and the value.
+pub mod parse {
+    fn number<T: std::str::FromStr>(text: &str) -> Result<T, String>
+    where
+        T::Err: std::fmt::Display,
+    {
+        text.trim().parse::<T>().map_err(|e| format!("`{text}` is not a number: {e}"))
+    }
+
+    /// An integer ≥ 1.
+    pub fn positive_usize(text: &str) -> Result<usize, String> {
+        match number::<usize>(text)? {
+            0 => Err("must be at least 1".into()),
+            n => Ok(n),
+        }
+    }
+
+    /// A finite number > 0.
+    pub fn positive_f64(text: &str) -> Result<f64, String> {
+        match number::<f64>(text)? {
+            x if x.is_finite() && x > 0.0 => Ok(x),
+            x => Err(format!("{x} must be finite and > 0")),
+        }
+    }
+
+    /// A finite number ≥ 0.
+    pub fn non_negative_f64(text: &str) -> Result<f64, String> {
+        match number::<f64>(text)? {
+            x if x.is_finite() && x >= 0.0 => Ok(x),
+            x => Err(format!("{x} must be finite and >= 0")),
+        }
+    }
+
+    /// A fraction in (0, 1].
+    pub fn fraction(text: &str) -> Result<f64, String> {
+        match number::<f64>(text)? {
+            x if x > 0.0 && x <= 1.0 => Ok(x),
+            x => Err(format!("{x} must be in (0, 1]")),
+        }
+    }
+
+    /// A label-noise fraction in [0, 1).
+    pub fn noise(text: &str) -> Result<f64, String> {
+        match number::<f64>(text)? {
+            x if (0.0..1.0).contains(&x) => Ok(x),
+            x => Err(format!("{x} must be in [0, 1)")),
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn each_parser_refuses_what_it_must() {
+            assert_eq!(positive_usize("3"), Ok(3));
+            assert!(positive_usize("0").is_err() && positive_usize("-1").is_err() && positive_usize("x").is_err());
+            assert_eq!(positive_f64("0.5"), Ok(0.5));
+            for bad in ["0", "-1", "nan", "inf", ""] {
+                assert!(positive_f64(bad).is_err(), "{bad}");
+            }
+            assert_eq!(non_negative_f64("0"), Ok(0.0));
+            assert!(non_negative_f64("-0.1").is_err() && non_negative_f64("NaN").is_err());
+            assert!(fraction("1").is_ok() && fraction("0").is_err() && fraction("1.5").is_err() && fraction("nan").is_err());
+            assert!(noise("0").is_ok() && noise("0.4").is_ok() && noise("1").is_err() && noise("nan").is_err());
+        }
+    }
+}

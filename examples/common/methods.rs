@@ -11,8 +11,10 @@ pub enum Method {
     Sam,
     /// ASAM: scale-invariant SAM on every step.
     Asam,
-    /// vSAM: the variation gate with decayed PSF reuse.
+    /// vSAM: the variation gate with decayed PSF reuse, as its authors run it.
     Vsam,
+    /// vSAM-trend: about 15–25 % SAM steps, more while the PSF ratio is above its run average.
+    VsamTrend,
     /// LookSAM: SAM every 5 steps, the orthogonal part of g_s reused in between.
     Looksam,
     /// AE-SAM: SAM when ‖g‖² is unusually large.
@@ -23,11 +25,12 @@ pub enum Method {
 
 impl Method {
     /// Every method, in table order.
-    pub const ALL: [Method; 7] = [
+    pub const ALL: [Method; 8] = [
         Method::Sgd,
         Method::Sam,
         Method::Asam,
         Method::Vsam,
+        Method::VsamTrend,
         Method::Looksam,
         Method::Aesam,
         Method::Rst,
@@ -40,6 +43,7 @@ impl Method {
             Method::Sam => "sam",
             Method::Asam => "asam",
             Method::Vsam => "vsam",
+            Method::VsamTrend => "vsam-trend",
             Method::Looksam => "looksam",
             Method::Aesam => "aesam",
             Method::Rst => "rst",
@@ -54,6 +58,7 @@ impl Method {
             Method::Sam => SamConfig::sam(),
             Method::Asam => SamConfig::asam(),
             Method::Vsam => SamConfig::vsam(warmup_steps),
+            Method::VsamTrend => SamConfig::vsam_trend(),
             Method::Looksam => SamConfig::look_sam(5, 0.7),
             Method::Aesam => SamConfig::ae_sam(total_steps.max(1)),
             Method::Rst => SamConfig::rst(0.5),

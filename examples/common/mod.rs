@@ -34,6 +34,18 @@ pub fn spirals(points_per_class: usize, noise: f32, seed: u64, device: &Device) 
     )
 }
 
+/// Test accuracy of `model` (in evaluation mode: dropout off, BatchNorm running statistics) over
+/// prepared batches.
+pub fn evaluate(model: &model::Cnn, batches: &[fashion::FashionBatch]) -> f64 {
+    let model = model.valid();
+    let (mut right, mut total) = (0i64, 0usize);
+    for batch in batches {
+        total += batch.targets.dims()[0];
+        right += correct(model.forward(batch.images.clone()), batch.targets.clone());
+    }
+    right as f64 / total.max(1) as f64
+}
+
 /// Fraction of rows of `logits` whose arg-max equals `labels`.
 pub fn accuracy(logits: Tensor<2>, labels: Tensor<1, Int>) -> f64 {
     let n = labels.dims()[0];

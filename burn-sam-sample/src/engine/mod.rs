@@ -403,6 +403,7 @@ impl SamEngine {
             sam_steps: c.sam_steps,
             sam_fraction: if c.steps == 0 { 0.0 } else { c.sam_steps as f64 / c.steps as f64 },
             quota: self.gate.quota(),
+            target_fraction: self.gate.target_fraction(),
             warmup: self.gate.in_warmup(),
             psf_norm: self.last_stats.map(|s| s.psf_norm),
             psf_ratio: self.last_stats.map(|s| s.ratio),

@@ -6,9 +6,11 @@
 //! exactly this interface, so a gate can be unit-tested, simulated or driven by hand.
 
 mod ae_sam;
+mod trend;
 mod variation;
 
 pub use ae_sam::{AeSamConfig, AeSamState};
+pub use trend::{TrendConfig, TrendState};
 pub use variation::{mean_relative_change, sorted_block_variance, VariationConfig, VariationState};
 
 use burn::config::Config;
@@ -40,8 +42,11 @@ pub enum GatePolicy {
     },
     /// SAM when ‖g‖² is large relative to its moving statistics (AE-SAM).
     AeSam(AeSamConfig),
-    /// The vSAM variation-threshold rule.
+    /// The vSAM variation-threshold rule, as its authors run it.
     Variation(VariationConfig),
+    /// vSAM's PSF-ratio signal without its drift or its dependence on the run's length (an
+    /// opt-in variant; see [`TrendConfig`]).
+    Trend(TrendConfig),
 }
 
 impl Default for GatePolicy {
@@ -63,6 +68,7 @@ impl GatePolicy {
             Self::Bernoulli { .. } => Ok(()),
             Self::AeSam(config) => config.validate(),
             Self::Variation(config) => config.validate(),
+            Self::Trend(config) => config.validate(),
         }
     }
 
@@ -75,6 +81,7 @@ impl GatePolicy {
             Self::Bernoulli { .. } => "bernoulli",
             Self::AeSam(_) => "ae-sam",
             Self::Variation(_) => "variation",
+            Self::Trend(_) => "trend",
         }
     }
 }
@@ -104,6 +111,8 @@ pub enum PolicyState {
     AeSam(AeSamState),
     /// vSAM window, quota and histories.
     Variation(VariationState),
+    /// Trend gate: rate, credit and log-ratio level.
+    Trend(TrendState),
 }
 
 /// The complete, serializable state of a [`Gate`], RNG included.
@@ -133,6 +142,7 @@ impl Gate {
         let policy_state = match &policy {
             GatePolicy::AeSam(_) => PolicyState::AeSam(AeSamState::default()),
             GatePolicy::Variation(config) => PolicyState::Variation(VariationState::new(config)),
+            GatePolicy::Trend(config) => PolicyState::Trend(TrendState::new(config)),
             _ => PolicyState::Stateless,
         };
         Ok(Self {
@@ -153,6 +163,7 @@ impl Gate {
             (&policy, &state.policy),
             (GatePolicy::AeSam(_), PolicyState::AeSam(_))
                 | (GatePolicy::Variation(_), PolicyState::Variation(_))
+                | (GatePolicy::Trend(_), PolicyState::Trend(_))
                 | (
                     GatePolicy::Always | GatePolicy::Never | GatePolicy::Periodic { .. } | GatePolicy::Bernoulli { .. },
                     PolicyState::Stateless
@@ -168,12 +179,13 @@ impl Gate {
         let consistent = match (&policy, &state.policy) {
             (GatePolicy::Variation(config), PolicyState::Variation(variation)) => variation.is_consistent(config),
             (GatePolicy::AeSam(_), PolicyState::AeSam(ae)) => ae.is_consistent(),
+            (GatePolicy::Trend(config), PolicyState::Trend(trend)) => trend.is_consistent(config),
             _ => true,
         };
         if !consistent {
             return Err(SamError::RecordMismatch(format!(
                 "the `{}` gate state is out of range for this configuration (non-finite statistics, a \
-                 quota outside [1, max], or histories that do not fit the window)",
+                 quota or rate outside its bounds, or histories that do not fit the window)",
                 policy.name()
             )));
         }
@@ -192,6 +204,7 @@ impl Gate {
             (GatePolicy::Variation(config), PolicyState::Variation(variation)) => {
                 variation.decide(config, &mut state.rng)
             }
+            (GatePolicy::Trend(config), PolicyState::Trend(trend)) => trend.decide(config),
             _ => unreachable!("policy and state kinds are checked at construction"),
         };
         state.steps = state.steps.saturating_add(1);
@@ -207,10 +220,10 @@ impl Gate {
         if !stats.is_valid() {
             return false;
         }
-        if let (GatePolicy::Variation(config), PolicyState::Variation(variation)) =
-            (&self.policy, &mut self.state.policy)
-        {
-            variation.observe(config, stats);
+        match (&self.policy, &mut self.state.policy) {
+            (GatePolicy::Variation(config), PolicyState::Variation(variation)) => variation.observe(config, stats),
+            (GatePolicy::Trend(config), PolicyState::Trend(trend)) => trend.observe(config, stats),
+            _ => {}
         }
         true
     }
@@ -230,7 +243,7 @@ impl Gate {
 
     /// Whether [`observe_sam`](Self::observe_sam) influences decisions.
     pub fn wants_psf_stats(&self) -> bool {
-        matches!(self.policy, GatePolicy::Variation(_))
+        matches!(self.policy, GatePolicy::Variation(_) | GatePolicy::Trend(_))
     }
 
     /// The policy this gate runs.
@@ -261,9 +274,25 @@ impl Gate {
         }
     }
 
-    /// Whether the vSAM gate is still in its all-SAM warm-up.
+    /// The fraction of SAM steps the gate currently aims at: s/K for the variation gate, the
+    /// rate for the trend gate, `None` for the others.
+    pub fn target_fraction(&self) -> Option<f64> {
+        match (&self.policy, &self.state.policy) {
+            (GatePolicy::Variation(config), PolicyState::Variation(variation)) => {
+                Some(variation.quota.floor() / config.window as f64)
+            }
+            (_, PolicyState::Trend(trend)) => Some(trend.rate),
+            _ => None,
+        }
+    }
+
+    /// Whether the vSAM or trend gate is still in its all-SAM warm-up.
     pub fn in_warmup(&self) -> bool {
-        matches!(&self.state.policy, PolicyState::Variation(v) if v.in_warmup())
+        match &self.state.policy {
+            PolicyState::Variation(v) => v.in_warmup(),
+            PolicyState::Trend(p) => p.in_warmup(),
+            _ => false,
+        }
     }
 }
 
@@ -272,6 +301,7 @@ fn state_kind(state: &PolicyState) -> &'static str {
         PolicyState::Stateless => "stateless",
         PolicyState::AeSam(_) => "ae-sam",
         PolicyState::Variation(_) => "variation",
+        PolicyState::Trend(_) => "trend",
     }
 }
 
@@ -322,6 +352,13 @@ mod tests {
                 "policy.variation.alpha_variance",
             ),
             (GatePolicy::Variation(VariationConfig::new().with_initial_quota(0.5)), "policy.variation.initial_quota"),
+            (GatePolicy::Trend(TrendConfig::new().with_base_fraction(0.9)), "policy.trend.base_fraction"),
+            (GatePolicy::Trend(TrendConfig::new().with_base_fraction(f64::NAN)), "policy.trend.base_fraction"),
+            (GatePolicy::Trend(TrendConfig::new().with_min_fraction(0.0)), "policy.trend.min_fraction"),
+            (GatePolicy::Trend(TrendConfig::new().with_max_fraction(1.5)), "policy.trend.max_fraction"),
+            (GatePolicy::Trend(TrendConfig::new().with_history(0)), "policy.trend.history"),
+            (GatePolicy::Trend(TrendConfig::new().with_elasticity(-1.0)), "policy.trend.elasticity"),
+            (GatePolicy::Trend(TrendConfig::new().with_elasticity(f64::INFINITY)), "policy.trend.elasticity"),
         ];
         for (policy, field) in cases {
             match Gate::new(policy.clone(), 0) {
@@ -333,7 +370,15 @@ mod tests {
 
     #[test]
     fn state_round_trips_through_json_and_continues_identically() {
-        let policy = GatePolicy::Variation(VariationConfig::new().with_warmup_steps(20));
+        for policy in [
+            GatePolicy::Variation(VariationConfig::new().with_warmup_steps(20)),
+            GatePolicy::Trend(TrendConfig::new().with_warmup_steps(20)),
+        ] {
+            round_trip_and_continue(policy);
+        }
+    }
+
+    fn round_trip_and_continue(policy: GatePolicy) {
         let mut gate = Gate::new(policy.clone(), 11).unwrap();
         let drive = |gate: &mut Gate, steps: usize| -> Vec<bool> {
             (0..steps)
@@ -388,6 +433,31 @@ mod tests {
             edit(variation);
             let err = Gate::from_state(policy.clone(), state).unwrap_err();
             assert!(matches!(err, SamError::RecordMismatch(_)), "{what}: {err}");
+        }
+
+        let trend = GatePolicy::Trend(TrendConfig::new().with_warmup_steps(3));
+        let mut gate = Gate::new(trend.clone(), 1).unwrap();
+        for _ in 0..10 {
+            if gate.decide() {
+                gate.observe_sam(PsfStats { psf_norm: 1.0, ratio: 0.5 });
+            }
+        }
+        let good = gate.state().clone();
+        assert!(Gate::from_state(trend.clone(), good.clone()).is_ok());
+        type TrendEdit = (&'static str, Box<dyn Fn(&mut TrendState)>);
+        let edits: Vec<TrendEdit> = vec![
+            ("credit", Box::new(|p| p.credit = 1.0)),
+            ("rate", Box::new(|p| p.rate = f64::NAN)),
+            ("more recent samples than samples", Box::new(|p| p.samples = 0)),
+            ("infinite sample", Box::new(|p| p.recent[0] = f64::NEG_INFINITY)),
+            ("sum", Box::new(|p| p.log_ratio_sum = f64::NAN)),
+            ("history", Box::new(|p| p.recent.extend([0.0; 60]))),
+        ];
+        for (what, edit) in edits {
+            let mut state = good.clone();
+            let PolicyState::Trend(trend_state) = &mut state.policy else { unreachable!() };
+            edit(trend_state);
+            assert!(Gate::from_state(trend.clone(), state).is_err(), "{what}");
         }
 
         let ae = GatePolicy::AeSam(AeSamConfig::new(10));
