@@ -9,6 +9,7 @@
 //! ```
 
 use std::path::PathBuf;
+use std::process::ExitCode;
 use std::time::Instant;
 
 use burn::data::dataloader::{DataLoader, DataLoaderBuilder};
@@ -17,7 +18,6 @@ use burn::module::Module;
 use burn::nn::loss::CrossEntropyLossConfig;
 use burn::optim::{decay::WeightDecayConfig, momentum::MomentumConfig, SgdConfig};
 use burn_sam_sample::backend;
-use burn_sam_sample_examples::correct;
 use burn_sam_sample_examples::methods::cosine_lr;
 use burn_sam_sample_examples::fashion::{subset, FashionBatch, FashionBatcher, FashionMnist};
 use burn_sam_sample_examples::cli::TrainArgs;
@@ -36,25 +36,27 @@ struct Args {
 }
 
 fn evaluate(model: &Cnn, loader: &dyn DataLoader<FashionBatch>) -> Result<f64, Box<dyn std::error::Error>> {
-    let model = model.valid();
-    let (mut right, mut total) = (0i64, 0usize);
-    for batch in loader.iter() {
-        let batch = batch?;
-        total += batch.targets.dims()[0];
-        right += correct(model.forward(batch.images), batch.targets);
-    }
-    Ok(right as f64 / total.max(1) as f64)
+    let batches = loader.iter().collect::<Result<Vec<_>, _>>()?;
+    Ok(burn_sam_sample_examples::evaluate(model, &batches))
 }
 
-fn main() -> Result<(), Box<dyn std::error::Error>> {
+fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
-    let Args { train: args, artifact_dir } = Args::parse();
+    match train(Args::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn train(Args { train: args, artifact_dir }: Args) -> Result<(), Box<dyn std::error::Error>> {
     let device = backend::select(args.backend.as_deref())?;
     let train_device = device.clone().autodiff();
     let data = FashionMnist::load(args.data_dir.as_deref())?;
     let train = subset(&data.train, args.train_subset);
-    let steps_per_epoch = train.len().div_ceil(args.batch_size);
-    let total_steps = steps_per_epoch * args.epochs;
+    let (_, total_steps) = args.steps(train.len())?;
     let warmup = args.warmup(total_steps);
 
     let train_loader = DataLoaderBuilder::new(FashionBatcher::plain())

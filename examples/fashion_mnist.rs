@@ -13,6 +13,7 @@
 //! dashboard (TUI in a terminal, plain lines otherwise) shows the SAM metrics next to Burn's.
 
 use std::path::PathBuf;
+use std::process::ExitCode;
 use std::time::Instant;
 
 use burn::data::dataloader::DataLoaderBuilder;
@@ -25,11 +26,12 @@ use burn::train::checkpoint::KeepLastNCheckpoints;
 use burn::train::metric::{AccuracyMetric, LossMetric};
 use burn::train::{ClassificationOutput, InferenceStep, Learner, SupervisedTraining, TrainOutput, TrainStep};
 use burn_sam_sample::learner::{
-    GradientPassesMetric, PsfRatioMetric, SamFractionMetric, SamHandle, SamOutput, SamQuotaMetric, SamTrainingExt,
+    verify_checkpoint, GradientPassesMetric, PsfRatioMetric, SamFractionMetric, SamHandle, SamOutput, SamQuotaMetric,
+    SamTrainingExt,
 };
 use burn_sam_sample::backend;
 use burn_sam_sample_examples::fashion::{subset, FashionBatch, FashionBatcher, FashionMnist};
-use burn_sam_sample_examples::cli::TrainArgs;
+use burn_sam_sample_examples::cli::{parse, TrainArgs};
 use burn_sam_sample_examples::methods::Method;
 use burn_sam_sample_examples::model::{Cnn, CnnConfig};
 use burn_sam_sample_examples::correct;
@@ -42,22 +44,23 @@ struct Args {
     #[command(flatten)]
     train: TrainArgs,
     /// Evaluate on the first N test images only.
-    #[arg(long)]
+    #[arg(long, value_parser = parse::positive_usize)]
     test_subset: Option<usize>,
     /// Random shifts and flips of the training images.
     #[arg(long)]
     augment: bool,
-    /// Data-loader worker threads.
-    #[arg(long, default_value_t = 2)]
+    /// Data-loader worker threads. With more than one, batches reach the model in the order the
+    /// workers finish them, so the same seed no longer repeats a run exactly.
+    #[arg(long, default_value_t = 1, value_parser = parse::positive_usize)]
     workers: usize,
     /// Where metric logs and checkpoints go.
     #[arg(long, default_value = "target/fashion-mnist")]
     artifact_dir: PathBuf,
     /// Resume from the checkpoint of this epoch in the artifact directory.
-    #[arg(long)]
+    #[arg(long, value_parser = parse::positive_usize)]
     resume: Option<usize>,
     /// Exit with an error when the test accuracy is not above this fraction.
-    #[arg(long)]
+    #[arg(long, value_parser = parse::fraction)]
     min_accuracy: Option<f64>,
 }
 
@@ -101,17 +104,28 @@ impl InferenceStep for Classifier {
     }
 }
 
-fn main() -> Result<(), Box<dyn std::error::Error>> {
+fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
-    let options = Args::parse();
+    match train(Args::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn train(options: Args) -> Result<(), Box<dyn std::error::Error>> {
     let args = &options.train;
     let device = backend::select(args.backend.as_deref())?;
 
+    if options.artifact_dir.exists() && !options.artifact_dir.is_dir() {
+        return Err(format!("--artifact-dir {} exists and is not a folder", options.artifact_dir.display()).into());
+    }
     let data = FashionMnist::load(args.data_dir.as_deref())?;
     let train = subset(&data.train, args.train_subset);
     let test = subset(&data.test, options.test_subset);
-    let steps_per_epoch = train.len().div_ceil(args.batch_size);
-    let total_steps = steps_per_epoch * args.epochs;
+    let (steps_per_epoch, total_steps) = args.steps(train.len())?;
     let warmup = args.warmup(total_steps);
     println!(
         "data: {} train / {} test images from {}; backend {device:?}; method {}; {} epochs × {steps_per_epoch} steps{}",
@@ -160,8 +174,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .metric_train_numeric(SamQuotaMetric::new())
         .metric_train_numeric(PsfRatioMetric::new())
         .with_sam_checkpointing(&options.artifact_dir, &sam, KeepLastNCheckpoints::new(2))
+        // Log records go to stderr through env_logger, not to Burn's experiment log file.
+        .with_application_logger(None)
         .summary();
     if let Some(epoch) = options.resume {
+        if epoch >= args.epochs {
+            return Err(format!("--resume {epoch}: the run has only {} epochs, nothing is left to train", args.epochs).into());
+        }
+        verify_checkpoint(&options.artifact_dir, epoch, &config)
+            .map_err(|err| format!("--resume {epoch} in {}: {err}", options.artifact_dir.display()))?;
         training = training.checkpoint(epoch);
     }
 

@@ -22,7 +22,7 @@ use burn::train::{
     TrainOutput, TrainStep,
 };
 use burn_sam_sample::learner::{
-    GradientPassesMetric, PsfRatioMetric, SamFractionMetric, SamHandle, SamOutput, SamQuotaMetric, SamTrainingExt,
+    verify_checkpoint, GradientPassesMetric, PsfRatioMetric, SamFractionMetric, SamHandle, SamOutput, SamQuotaMetric, SamTrainingExt,
 };
 use burn_sam_sample::policy::{GatePolicy, VariationConfig};
 use burn_sam_sample::SamConfig;
@@ -253,7 +253,13 @@ fn resuming_from_a_checkpoint_is_exact() {
         .launch(Learner::new(first, base(), LR));
     let mut all = decisions.lock().unwrap().clone();
 
-    // A new process would build a fresh model and handle, then resume from checkpoint 2.
+    // A new process would check the checkpoint first, then build a fresh model and handle and
+    // resume from checkpoint 2.
+    verify_checkpoint(dir.path(), 2, &vsam()).unwrap();
+    let err = verify_checkpoint(dir.path(), 2, &SamConfig::sam()).unwrap_err();
+    assert!(err.to_string().contains("checkpoint 2") && err.to_string().contains("reuse rule"), "{err}");
+    let err = verify_checkpoint(dir.path(), 5, &vsam()).unwrap_err();
+    assert!(err.to_string().contains("model-5.bpk"), "{err}");
     let fresh = Net::new(&device, &vsam());
     decisions = fresh.decisions.clone();
     let handle = fresh.sam.clone();

@@ -11,26 +11,27 @@ pub struct TrainArgs {
     #[arg(long, value_enum, default_value = "vsam")]
     pub method: Method,
     /// Training epochs.
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 3, value_parser = parse::positive_usize)]
     pub epochs: usize,
     /// Batch size.
-    #[arg(long, default_value_t = 128)]
+    #[arg(long, default_value_t = 128, value_parser = parse::positive_usize)]
     pub batch_size: usize,
     /// Peak learning rate (cosine decay to 0 over the run).
-    #[arg(long, default_value_t = 0.05)]
+    #[arg(long, default_value_t = 0.05, value_parser = parse::positive_f64)]
     pub lr: f64,
     /// SAM radius ρ (default: 0.05; ASAM: 0.5).
-    #[arg(long)]
+    #[arg(long, value_parser = parse::positive_f64)]
     pub rho: Option<f64>,
-    /// Seed of the model, the data order, the augmentation and the gate.
+    /// Seed of the initial weights, the data order, the augmentation, dropout and the gate; with
+    /// one data-loader worker, a run is repeated exactly by its seed.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Folder with the four Fashion-MNIST files (searched before $FASHION_MNIST_DIR,
-    /// /usr/share/datasets/fashion-mnist and Burn's cache).
+    /// Folder with the four Fashion-MNIST files; an error when they are not there (default:
+    /// $FASHION_MNIST_DIR, else /usr/share/datasets/fashion-mnist, else Burn's cache).
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
     /// Train on the first N training images only (quick runs).
-    #[arg(long)]
+    #[arg(long, value_parser = parse::positive_usize)]
     pub train_subset: Option<usize>,
     /// vSAM's all-SAM warm-up in steps (default: 1.5 % of the run, as the authors' 3 of 200
     /// epochs, and at least one window of 50 steps).
@@ -45,6 +46,16 @@ impl TrainArgs {
     /// vSAM's warm-up for a run of `total_steps` steps.
     pub fn warmup(&self, total_steps: usize) -> usize {
         self.warmup_steps.unwrap_or_else(|| scaled_warmup(total_steps))
+    }
+
+    /// Steps per epoch and in the whole run for `images` training images, or an error naming
+    /// the options when the run has more steps than this machine can count.
+    pub fn steps(&self, images: usize) -> Result<(usize, usize), String> {
+        let per_epoch = images.div_ceil(self.batch_size);
+        per_epoch
+            .checked_mul(self.epochs)
+            .map(|total| (per_epoch, total))
+            .ok_or_else(|| format!("--epochs {} × {per_epoch} steps per epoch is too many steps", self.epochs))
     }
 }
 
@@ -115,5 +126,48 @@ pub mod parse {
             assert!(fraction("1").is_ok() && fraction("0").is_err() && fraction("1.5").is_err() && fraction("nan").is_err());
             assert!(noise("0").is_ok() && noise("0.4").is_ok() && noise("1").is_err() && noise("nan").is_err());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser, Debug)]
+    struct Program {
+        #[command(flatten)]
+        train: TrainArgs,
+    }
+
+    fn parse(args: &[&str]) -> Result<TrainArgs, String> {
+        Program::try_parse_from(std::iter::once("program").chain(args.iter().copied()))
+            .map(|p| p.train)
+            .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn bad_numbers_are_usage_errors_that_name_the_flag_and_the_value() {
+        for (args, flag) in [
+            (&["--epochs", "0"][..], "--epochs"),
+            (&["--batch-size", "0"], "--batch-size"),
+            (&["--lr", "nan"], "--lr"),
+            (&["--lr", "-0.1"], "--lr"),
+            (&["--rho", "inf"], "--rho"),
+            (&["--train-subset", "0"], "--train-subset"),
+        ] {
+            let joined = format!("{}={}", args[0], args[1]);
+            let err = parse(&[&joined]).unwrap_err();
+            assert!(err.contains(flag) && err.contains(args[1]), "{args:?}: {err}");
+        }
+        assert!(parse(&[]).is_ok());
+    }
+
+    #[test]
+    fn a_run_too_long_to_count_is_an_error() {
+        let args = parse(&["--epochs", &usize::MAX.to_string()]).unwrap();
+        let err = args.steps(60_000).unwrap_err();
+        assert!(err.contains("--epochs"), "{err}");
+        assert_eq!(parse(&["--epochs", "2"]).unwrap().steps(1_000).unwrap(), (8, 16));
     }
 }

@@ -1,9 +1,10 @@
 //! Fashion-MNIST from disk as a Burn `Dataset`, with a batcher.
 //!
 //! The four idx files (`train-images-idx3-ubyte`, `train-labels-idx1-ubyte`, `t10k-…`, gzipped or
-//! not) are looked for, in order, in `--data-dir`, `$FASHION_MNIST_DIR`,
-//! `/usr/share/datasets/fashion-mnist` (Debian's `dataset-fashion-mnist` package) and Burn's cache
-//! (`<cache>/burn-dataset/fashion-mnist`). With the `download` feature, missing files are fetched
+//! not) are read from the folder the user names (`--data-dir`, else `$FASHION_MNIST_DIR`; an
+//! unusable named folder is an error), or else looked for in `/usr/share/datasets/fashion-mnist`
+//! (Debian's `dataset-fashion-mnist` package) and Burn's cache (`<cache>/burn-dataset/fashion-mnist`).
+//! With the `download` feature, missing files are fetched
 //! from the dataset's canonical source into Burn's cache with Burn's own downloader.
 
 use std::io::Read;
@@ -68,12 +69,9 @@ pub fn burn_cache_dir() -> Option<PathBuf> {
     dirs::cache_dir().map(|dir| dir.join("burn-dataset").join("fashion-mnist"))
 }
 
-/// The folders searched, in order.
-pub fn candidate_dirs(data_dir: Option<&Path>) -> Vec<PathBuf> {
-    let mut dirs = Vec::new();
-    dirs.extend(data_dir.map(Path::to_path_buf));
-    dirs.extend(std::env::var_os("FASHION_MNIST_DIR").map(PathBuf::from));
-    dirs.push(PathBuf::from("/usr/share/datasets/fashion-mnist"));
+/// The folders searched, in order, when the user names none.
+pub fn candidate_dirs() -> Vec<PathBuf> {
+    let mut dirs = vec![PathBuf::from("/usr/share/datasets/fashion-mnist")];
     dirs.extend(burn_cache_dir());
     dirs
 }
@@ -86,24 +84,70 @@ fn complete(dir: &Path) -> bool {
     FILES.iter().all(|name| file_in(dir, name).is_some())
 }
 
+/// What is wrong with `dir` as a Fashion-MNIST folder, or `None` when all four files are there.
+fn unusable(dir: &Path) -> Option<String> {
+    if !dir.exists() {
+        return Some("does not exist".into());
+    }
+    if !dir.is_dir() {
+        return Some("is not a folder".into());
+    }
+    let missing: Vec<String> = FILES
+        .iter()
+        .filter(|name| file_in(dir, name).is_none())
+        .map(|name| format!("{name}[.gz]"))
+        .collect();
+    (!missing.is_empty()).then(|| format!("lacks {}", missing.join(", ")))
+}
+
 impl FashionMnist {
-    /// Finds and reads the dataset; `data_dir` (if given) is searched first.
+    /// Reads the dataset. A folder the user names (`data_dir`, else `$FASHION_MNIST_DIR`) must
+    /// hold the data: when it does not, that is an error, never a fallback. Without one, the
+    /// Debian package's folder and Burn's cache are searched, in that order.
     pub fn load(data_dir: Option<&Path>) -> Result<Self, DataError> {
-        let candidates = candidate_dirs(data_dir);
-        let found = candidates.iter().find(|dir| complete(dir)).cloned();
-        let dir = match found {
+        let named = data_dir
+            .map(|dir| ("--data-dir", dir.to_path_buf()))
+            .or_else(|| std::env::var_os("FASHION_MNIST_DIR").map(|dir| ("FASHION_MNIST_DIR", PathBuf::from(dir))));
+        if let Some((what, dir)) = named {
+            if let Some(problem) = unusable(&dir) {
+                return Err(DataError(format!(
+                    "{what} names {}, which {problem}.\nIt must hold the four files {} (gzipped or not).",
+                    dir.display(),
+                    FILES.join(", ")
+                )));
+            }
+            return Self::read_dir(dir);
+        }
+        let candidates = candidate_dirs();
+        let dir = match candidates.iter().find(|dir| complete(dir)).cloned() {
             Some(dir) => dir,
             None => download().map_err(|reason| DataError(not_found_message(&candidates, &reason)))?,
         };
+        Self::read_dir(dir)
+    }
+
+    fn read_dir(dir: PathBuf) -> Result<Self, DataError> {
+        let path = |name: &str| {
+            file_in(&dir, name).ok_or_else(|| DataError(format!("{}: {name}[.gz] is missing", dir.display())))
+        };
         let read = |images: &str, labels: &str| -> Result<InMemDataset<FashionItem>, DataError> {
-            let images = read_idx(&file_in(&dir, images).expect("checked"), 3)?;
-            let labels = read_idx(&file_in(&dir, labels).expect("checked"), 1)?;
-            if images.len() != labels.len() * PIXELS {
+            let (images_path, labels_path) = (path(images)?, path(labels)?);
+            let (image_dims, images) = read_idx(&images_path, &[None, Some(28), Some(28)])?;
+            let (label_dims, labels) = read_idx(&labels_path, &[None])?;
+            if image_dims[0] != label_dims[0] {
                 return Err(DataError(format!(
-                    "{}: {} labels for {} pixels",
-                    dir.display(),
-                    labels.len(),
-                    images.len()
+                    "{} holds {} images but {} holds {} labels",
+                    images_path.display(),
+                    image_dims[0],
+                    labels_path.display(),
+                    label_dims[0]
+                )));
+            }
+            if let Some(at) = labels.iter().position(|&label| label as usize >= CLASSES.len()) {
+                return Err(DataError(format!(
+                    "{}: label {} of item {at} is not a class (0..=9)",
+                    labels_path.display(),
+                    labels[at]
                 )));
             }
             let items = images
@@ -162,31 +206,62 @@ fn download() -> Result<PathBuf, String> {
     Ok(dir)
 }
 
-/// Reads an idx file (optionally gzipped) of the given rank; returns its payload.
-fn read_idx(path: &Path, rank: u8) -> Result<Vec<u8>, DataError> {
+/// Largest payload accepted: 64 × the 47 MB of the training images.
+const MAX_PAYLOAD: u64 = 3 << 30;
+
+/// Reads an idx file of unsigned bytes (optionally gzipped) whose dimensions must match
+/// `expected` (`None`: any size); returns its dimensions and payload. The header is read and
+/// checked first, and at most the payload it announces (plus one byte, to detect trailing data)
+/// is decompressed, so a hostile file cannot make the reader allocate more than it declares.
+pub fn read_idx(path: &Path, expected: &[Option<u32>]) -> Result<(Vec<u32>, Vec<u8>), DataError> {
+    use std::io::BufRead;
     let error = |what: String| DataError(format!("{}: {what}", path.display()));
-    let raw = std::fs::read(path).map_err(|e| error(e.to_string()))?;
-    let bytes = if raw.starts_with(&[0x1f, 0x8b]) {
-        let mut out = Vec::new();
-        flate2::read::GzDecoder::new(raw.as_slice())
-            .read_to_end(&mut out)
-            .map_err(|e| error(format!("not a valid gzip file: {e}")))?;
-        out
+    let file = std::fs::File::open(path).map_err(|e| error(e.to_string()))?;
+    let mut buffered = std::io::BufReader::new(file);
+    let gzipped = buffered.fill_buf().map_err(|e| error(e.to_string()))?.starts_with(&[0x1f, 0x8b]);
+    let mut reader: Box<dyn Read> = if gzipped {
+        Box::new(flate2::bufread::GzDecoder::new(buffered))
     } else {
-        raw
+        Box::new(buffered)
     };
-    let header = 4 + 4 * rank as usize;
-    if bytes.len() < header || bytes[..3] != [0, 0, 8] || bytes[3] != rank {
-        return Err(error(format!("not an idx file of rank {rank} (unsigned bytes)")));
+    let rank = expected.len();
+    let mut magic = [0u8; 4];
+    reader
+        .read_exact(&mut magic)
+        .map_err(|e| error(format!("cannot read the idx header: {e}")))?;
+    if magic != [0, 0, 8, rank as u8] {
+        return Err(error(format!(
+            "not an idx file of rank {rank} of unsigned bytes (magic {magic:02x?}, expected [00, 00, 08, {rank:02x}])"
+        )));
     }
-    let dims: Vec<usize> = (0..rank as usize)
-        .map(|i| u32::from_be_bytes(bytes[4 + 4 * i..8 + 4 * i].try_into().expect("4 bytes")) as usize)
-        .collect();
-    let len: usize = dims.iter().product();
-    if bytes.len() != header + len {
-        return Err(error(format!("holds {} bytes of data, its header says {len}", bytes.len() - header)));
+    let mut dims = Vec::with_capacity(rank);
+    for (i, want) in expected.iter().enumerate() {
+        let mut word = [0u8; 4];
+        reader
+            .read_exact(&mut word)
+            .map_err(|e| error(format!("cannot read dimension {i} of the idx header: {e}")))?;
+        let dim = u32::from_be_bytes(word);
+        if want.is_some_and(|want| want != dim) {
+            return Err(error(format!("dimension {i} is {dim}, expected {}", want.unwrap_or(dim))));
+        }
+        dims.push(dim);
     }
-    Ok(bytes[header..].to_vec())
+    let len = dims
+        .iter()
+        .try_fold(1u64, |acc, &d| acc.checked_mul(d as u64))
+        .filter(|&len| len <= MAX_PAYLOAD)
+        .ok_or_else(|| error(format!("the header's dimensions {dims:?} describe more than {MAX_PAYLOAD} bytes")))?;
+    let mut payload = Vec::new();
+    reader
+        .by_ref()
+        .take(len + 1)
+        .read_to_end(&mut payload)
+        .map_err(|e| error(format!("cannot read the data: {e}")))?;
+    match (payload.len() as u64).cmp(&len) {
+        std::cmp::Ordering::Less => Err(error(format!("holds {} bytes of data, its header says {len}", payload.len()))),
+        std::cmp::Ordering::Greater => Err(error(format!("holds more data than the {len} bytes its header says"))),
+        std::cmp::Ordering::Equal => Ok((dims, payload)),
+    }
 }
 
 /// The first `n` items of `dataset` (all of them when `n` is `None` or larger).
@@ -265,4 +340,126 @@ fn shift_and_flip(image: &[u8], dx: i32, dy: i32, flip: bool) -> Vec<u8> {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn idx(magic_rank: u8, dims: &[u32], payload: &[u8]) -> Vec<u8> {
+        let mut bytes = vec![0, 0, 8, magic_rank];
+        for d in dims {
+            bytes.extend(d.to_be_bytes());
+        }
+        bytes.extend(payload);
+        bytes
+    }
+
+    fn gzip(bytes: &[u8]) -> Vec<u8> {
+        let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        encoder.write_all(bytes).unwrap();
+        encoder.finish().unwrap()
+    }
+
+    fn read(bytes: &[u8], expected: &[Option<u32>]) -> Result<(Vec<u32>, Vec<u8>), String> {
+        let dir = std::env::temp_dir().join(format!("fashion-idx-test-{}-{:p}", std::process::id(), bytes));
+        std::fs::write(&dir, bytes).unwrap();
+        let result = read_idx(&dir, expected).map_err(|e| e.to_string());
+        let _ = std::fs::remove_file(&dir);
+        result
+    }
+
+    #[test]
+    fn idx_headers_are_checked_before_the_body() {
+        let good = idx(3, &[2, 28, 28], &[7; 2 * 784]);
+        assert_eq!(read(&good, &[None, Some(28), Some(28)]).unwrap().0, vec![2, 28, 28]);
+        assert_eq!(read(&gzip(&good), &[None, Some(28), Some(28)]).unwrap().1.len(), 2 * 784);
+        let cases: Vec<(Vec<u8>, &str)> = vec![
+            (idx(1, &[2], &[0, 1]), "rank 3"),
+            (idx(3, &[2, 28, 27], &[0; 2 * 28 * 27]), "dimension 2 is 27"),
+            (idx(3, &[2, 28, 28], &[0; 100]), "holds 100 bytes"),
+            (idx(3, &[2, 28, 28], &[0; 2 * 784 + 1]), "more data"),
+            (vec![0, 0], "header"),
+            (idx(3, &[u32::MAX, 28, 28], &[]), "describe more than"),
+        ];
+        for (bytes, needle) in cases {
+            let err = read(&bytes, &[None, Some(28), Some(28)]).unwrap_err();
+            assert!(err.contains(needle), "{err} should say {needle}");
+        }
+    }
+
+    #[test]
+    fn a_gzip_bomb_is_refused_without_inflating_it() {
+        // The header announces one image; the stream goes on for 64 MiB of zeros.
+        let mut bytes = idx(3, &[1, 28, 28], &[]);
+        bytes.resize(bytes.len() + (64 << 20), 0);
+        let err = read(&gzip(&bytes), &[None, Some(28), Some(28)]).unwrap_err();
+        assert!(err.contains("more data"), "{err}");
+    }
+}
+
+#[cfg(test)]
+mod named_folder_tests {
+    use super::*;
+
+    fn message(dir: &Path) -> String {
+        match FashionMnist::load(Some(dir)) {
+            Ok(_) => panic!("{} loaded", dir.display()),
+            Err(err) => err.to_string(),
+        }
+    }
+
+    #[test]
+    fn a_named_folder_that_cannot_serve_is_an_error_not_a_fallback() {
+        let root = std::env::temp_dir().join(format!("fashion-named-{}", std::process::id()));
+        let empty = root.join("empty");
+        std::fs::create_dir_all(&empty).unwrap();
+        let file = root.join("file");
+        std::fs::write(&file, b"x").unwrap();
+        let partial = root.join("partial");
+        std::fs::create_dir_all(&partial).unwrap();
+        for name in &FILES[..3] {
+            std::fs::write(partial.join(name), b"").unwrap();
+        }
+        assert!(message(&root.join("missing")).contains("does not exist"));
+        assert!(message(&file).contains("is not a folder"));
+        let all = message(&empty);
+        assert!(FILES.iter().all(|name| all.contains(name)), "{all}");
+        let one = message(&partial);
+        assert!(one.contains("which lacks t10k-labels-idx1-ubyte[.gz].\n"), "{one}");
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
+    fn labels_outside_the_classes_are_refused() {
+        let dir = std::env::temp_dir().join(format!("fashion-labels-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let images = |n: u32| {
+            let mut bytes = vec![0, 0, 8, 3];
+            for d in [n, 28, 28] {
+                bytes.extend(d.to_be_bytes());
+            }
+            bytes.resize(16 + n as usize * PIXELS, 0);
+            bytes
+        };
+        let labels = |values: &[u8]| {
+            let mut bytes = vec![0, 0, 8, 1];
+            bytes.extend((values.len() as u32).to_be_bytes());
+            bytes.extend(values);
+            bytes
+        };
+        std::fs::write(dir.join(FILES[0]), images(2)).unwrap();
+        std::fs::write(dir.join(FILES[1]), labels(&[3, 10])).unwrap();
+        std::fs::write(dir.join(FILES[2]), images(1)).unwrap();
+        std::fs::write(dir.join(FILES[3]), labels(&[1])).unwrap();
+        let err = message(&dir);
+        assert!(err.contains("label 10 of item 1"), "{err}");
+        std::fs::write(dir.join(FILES[1]), labels(&[3])).unwrap();
+        let err = message(&dir);
+        assert!(err.contains("2 images but"), "{err}");
+        std::fs::write(dir.join(FILES[1]), labels(&[3, 9])).unwrap();
+        assert_eq!(FashionMnist::load(Some(&dir)).unwrap().train.len(), 2);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

@@ -11,6 +11,7 @@ use burn_pack::{Reader, Writer};
 use serde::{Deserialize, Serialize};
 
 use super::{Counters, ReuseCache, SamEngine};
+use crate::config::SamConfig;
 use crate::error::{Result, SamError};
 use crate::policy::{Gate, GatePolicy, GateState, PsfStats};
 use crate::reuse::ReusePolicy;
@@ -58,6 +59,36 @@ impl EngineRecord {
     /// Steps the engine had finished when the record was taken.
     pub fn steps(&self) -> u64 {
         self.state.counters.steps
+    }
+
+    /// Checks that the record can continue a run of `config` (the same kind of gate and reuse
+    /// rule, a gate state in range, finite statistics); the error names the first mismatch.
+    /// [`SamEngine::load_record`] runs the same check, then the checks against the module.
+    pub fn check_config(&self, config: &SamConfig) -> Result<()> {
+        self.gate_for(config).map(|_| ())
+    }
+
+    fn gate_for(&self, config: &SamConfig) -> Result<Gate> {
+        let state = &self.state;
+        if std::mem::discriminant(&state.reuse) != std::mem::discriminant(&config.reuse) {
+            return Err(SamError::RecordMismatch(format!(
+                "the record was saved with reuse rule `{}`, this run uses `{}`",
+                state.reuse.name(),
+                config.reuse.name()
+            )));
+        }
+        if std::mem::discriminant(&state.policy) != std::mem::discriminant(&config.policy) {
+            return Err(SamError::RecordMismatch(format!(
+                "the record was saved with gate policy `{}`, this run uses `{}`",
+                state.policy.name(),
+                config.policy.name()
+            )));
+        }
+        let gate = Gate::from_state(config.policy.clone(), state.gate.clone())?;
+        if state.last_stats.is_some_and(|stats| !stats.is_valid()) {
+            return Err(SamError::CorruptRecord("the last PSF statistics are not finite".into()));
+        }
+        Ok(gate)
     }
 
     pub(crate) fn into_pack(self) -> Result<(Vec<burn_pack::Tensor>, String)> {
@@ -271,25 +302,8 @@ impl SamEngine {
     /// the first mismatch and `self` is left unchanged. Cached tensors are placed on the device
     /// of their parameter.
     pub fn load_record<M: Module>(&mut self, record: EngineRecord, module: &M) -> Result<()> {
+        let gate = record.gate_for(&self.config)?;
         let EngineRecord { state, cache, cache_norm } = record;
-        if std::mem::discriminant(&state.reuse) != std::mem::discriminant(&self.config.reuse) {
-            return Err(SamError::RecordMismatch(format!(
-                "the record was saved with reuse rule `{}`, this engine uses `{}`",
-                state.reuse.name(),
-                self.config.reuse.name()
-            )));
-        }
-        if std::mem::discriminant(&state.policy) != std::mem::discriminant(&self.config.policy) {
-            return Err(SamError::RecordMismatch(format!(
-                "the record was saved with gate policy `{}`, this engine uses `{}`",
-                state.policy.name(),
-                self.config.policy.name()
-            )));
-        }
-        let gate = Gate::from_state(self.config.policy.clone(), state.gate)?;
-        if state.last_stats.is_some_and(|stats| !stats.is_valid()) {
-            return Err(SamError::CorruptRecord("the last PSF statistics are not finite".into()));
-        }
 
         let mut visitor = ShapeVisitor {
             seen: HashSet::new(),

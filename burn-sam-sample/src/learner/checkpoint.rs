@@ -15,6 +15,8 @@ use burn::train::metric::store::EventStoreClient;
 use burn::train::{LearnerModel, SupervisedTraining};
 
 use super::SamHandle;
+use crate::config::SamConfig;
+use crate::error::SamError;
 use crate::optimizer::SamOptimizerRecord;
 
 /// A checkpointing strategy that snapshots the SAM state whenever the wrapped strategy saves.
@@ -88,6 +90,44 @@ impl Checkpointer<OptimizerRecord> for SamCheckpointer {
         self.handle.restore(record.engine);
         Ok(record.base)
     }
+}
+
+/// Checks, before training starts, that the checkpoint of `epoch` written under `directory` by
+/// [`with_sam_checkpointing`](SamTrainingExt::with_sam_checkpointing) can resume a run of
+/// `config`: the model, optimizer and scheduler files are there and not empty, the optimizer file
+/// passes its checksum, and its SAM state belongs to `config` (same gate and reuse rule, state in
+/// range). Burn's `SupervisedTraining::checkpoint(epoch)` panics on a missing or damaged file
+/// once training has started; call this first to get an error that says which file and why.
+///
+/// The model and scheduler files carry no checksum of their own: damage inside them that still
+/// parses is not detected here.
+pub fn verify_checkpoint(directory: impl AsRef<Path>, epoch: usize, config: &SamConfig) -> crate::Result<()> {
+    let folder = directory.as_ref().join("checkpoint");
+    for name in ["model", "optim", "scheduler"] {
+        let path = folder.join(format!("{name}-{epoch}.bpk"));
+        match std::fs::metadata(&path) {
+            Ok(meta) if meta.is_file() && meta.len() > 0 => {}
+            Ok(_) => {
+                return Err(SamError::CorruptRecord(format!(
+                    "checkpoint {epoch}: {} is empty or not a file",
+                    path.display()
+                )))
+            }
+            Err(err) => {
+                return Err(SamError::CorruptRecord(format!(
+                    "checkpoint {epoch}: {}: {err}",
+                    path.display()
+                )))
+            }
+        }
+    }
+    let optim = folder.join(format!("optim-{epoch}.bpk"));
+    let record = SamOptimizerRecord::load(&optim)
+        .map_err(|err| SamError::CorruptRecord(format!("checkpoint {epoch}: {}: {err}", optim.display())))?;
+    record
+        .engine
+        .check_config(config)
+        .map_err(|err| SamError::RecordMismatch(format!("checkpoint {epoch}: {}: {err}", optim.display())))
 }
 
 impl SamHandle {

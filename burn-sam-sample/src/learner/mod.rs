@@ -16,7 +16,7 @@ mod checkpoint;
 mod metrics;
 mod output;
 
-pub use checkpoint::{SamCheckpointer, SamCheckpointing, SamTrainingExt};
+pub use checkpoint::{verify_checkpoint, SamCheckpointer, SamCheckpointing, SamTrainingExt};
 pub use metrics::{GradientPassesMetric, PsfRatioMetric, SamFractionMetric, SamQuotaMetric, SamStepInfo};
 pub use output::SamOutput;
 
