@@ -28,7 +28,7 @@ use burn_sam_sample::reuse::ReusePolicy;
 use burn_sam_sample::{backend, SamConfig, SamOptimizer};
 use burn_sam_sample_examples::cli::parse;
 use burn_sam_sample_examples::evaluate;
-use burn_sam_sample_examples::fashion::{subset, FashionBatch, FashionBatcher, FashionItem, FashionMnist};
+use burn_sam_sample_examples::fashion::{subset, FashionBatch, FashionBatcher, FashionItem, FashionMnist, Fetch};
 use burn_sam_sample_examples::methods::{cosine_lr, scaled_warmup};
 use burn_sam_sample_examples::model::{Cnn, CnnConfig};
 use clap::Parser;
@@ -94,9 +94,12 @@ struct Args {
     /// A preset of a few minutes: 2k images, 1 epoch, 1 seed; checks that the tables are complete.
     #[arg(long)]
     quick: bool,
-    /// Folder with the Fashion-MNIST files.
+    /// Folder with the Fashion-MNIST files (an error when they are not there).
     #[arg(long)]
     data_dir: Option<PathBuf>,
+    /// Never fetch the data over the network (also: FASHION_MNIST_OFFLINE=1).
+    #[arg(long)]
+    offline: bool,
     /// Backend: ndarray, flex, wgpu or cuda.
     #[arg(long)]
     backend: Option<String>,
@@ -812,7 +815,7 @@ fn run_benchmark(mut args: Args) -> Result<(), Box<dyn std::error::Error>> {
         None => variants.clone(),
     };
     let device = backend::select(args.backend.as_deref())?;
-    let data = FashionMnist::load(args.data_dir.as_deref())?;
+    let data = FashionMnist::load(args.data_dir.as_deref(), Fetch::from_flag(args.offline))?;
     let clean_train = subset(&data.train, args.train_subset);
     let test_set = subset(&data.test, args.test_subset);
     let test: Vec<FashionBatch> = (0..test_set.len())

@@ -19,7 +19,7 @@ use burn::nn::loss::CrossEntropyLossConfig;
 use burn::optim::{decay::WeightDecayConfig, momentum::MomentumConfig, SgdConfig};
 use burn_sam_sample::backend;
 use burn_sam_sample_examples::methods::cosine_lr;
-use burn_sam_sample_examples::fashion::{subset, FashionBatch, FashionBatcher, FashionMnist};
+use burn_sam_sample_examples::fashion::{subset, FashionBatch, FashionBatcher, FashionMnist, Fetch};
 use burn_sam_sample_examples::cli::TrainArgs;
 use burn_sam_sample_examples::model::{Cnn, CnnConfig};
 use clap::Parser;
@@ -54,7 +54,7 @@ fn main() -> ExitCode {
 fn train(Args { train: args, artifact_dir }: Args) -> Result<(), Box<dyn std::error::Error>> {
     let device = backend::select(args.backend.as_deref())?;
     let train_device = device.clone().autodiff();
-    let data = FashionMnist::load(args.data_dir.as_deref())?;
+    let data = FashionMnist::load(args.data_dir.as_deref(), Fetch::from_flag(args.offline))?;
     let train = subset(&data.train, args.train_subset);
     let (_, total_steps) = args.steps(train.len())?;
     let warmup = args.warmup(total_steps);

@@ -30,7 +30,7 @@ use burn_sam_sample::learner::{
     SamTrainingExt,
 };
 use burn_sam_sample::backend;
-use burn_sam_sample_examples::fashion::{subset, FashionBatch, FashionBatcher, FashionMnist};
+use burn_sam_sample_examples::fashion::{subset, FashionBatch, FashionBatcher, FashionMnist, Fetch};
 use burn_sam_sample_examples::cli::{parse, TrainArgs};
 use burn_sam_sample_examples::methods::Method;
 use burn_sam_sample_examples::model::{Cnn, CnnConfig};
@@ -122,16 +122,17 @@ fn train(options: Args) -> Result<(), Box<dyn std::error::Error>> {
     if options.artifact_dir.exists() && !options.artifact_dir.is_dir() {
         return Err(format!("--artifact-dir {} exists and is not a folder", options.artifact_dir.display()).into());
     }
-    let data = FashionMnist::load(args.data_dir.as_deref())?;
+    let data = FashionMnist::load(args.data_dir.as_deref(), Fetch::from_flag(args.offline))?;
     let train = subset(&data.train, args.train_subset);
     let test = subset(&data.test, options.test_subset);
     let (steps_per_epoch, total_steps) = args.steps(train.len())?;
     let warmup = args.warmup(total_steps);
     println!(
-        "data: {} train / {} test images from {}; backend {device:?}; method {}; {} epochs × {steps_per_epoch} steps{}",
+        "data: {} train / {} test images from {}{}; backend {device:?}; method {}; {} epochs × {steps_per_epoch} steps{}",
         train.len(),
         test.len(),
         data.source.display(),
+        if data.fetched { " (fetched and verified)" } else { " (verified)" },
         args.method.name(),
         args.epochs,
         if args.method == Method::Vsam { format!("; warm-up {warmup} steps") } else { String::new() },

@@ -27,9 +27,14 @@ pub struct TrainArgs {
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Folder with the four Fashion-MNIST files; an error when they are not there (default:
-    /// $FASHION_MNIST_DIR, else /usr/share/datasets/fashion-mnist, else Burn's cache).
+    /// $FASHION_MNIST_DIR, else /usr/share/datasets/fashion-mnist, else Burn's cache, else
+    /// fetched into the cache).
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
+    /// Never fetch the data over the network (also: FASHION_MNIST_OFFLINE=1); without it, the
+    /// data is fetched into Burn's cache when no folder holds it.
+    #[arg(long)]
+    pub offline: bool,
     /// Train on the first N training images only (quick runs).
     #[arg(long, value_parser = parse::positive_usize)]
     pub train_subset: Option<usize>,

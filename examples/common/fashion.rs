@@ -1,11 +1,12 @@
-//! Fashion-MNIST from disk as a Burn `Dataset`, with a batcher.
+//! Fashion-MNIST as a Burn `Dataset`, with a batcher.
 //!
 //! The four idx files (`train-images-idx3-ubyte`, `train-labels-idx1-ubyte`, `t10k-…`, gzipped or
 //! not) are read from the folder the user names (`--data-dir`, else `$FASHION_MNIST_DIR`; an
-//! unusable named folder is an error), or else looked for in `/usr/share/datasets/fashion-mnist`
-//! (Debian's `dataset-fashion-mnist` package) and Burn's cache (`<cache>/burn-dataset/fashion-mnist`).
-//! With the `download` feature, missing files are fetched
-//! from the dataset's canonical source into Burn's cache with Burn's own downloader.
+//! unusable named folder is an error, never a fallback), or else looked for in
+//! `/usr/share/datasets/fashion-mnist` (Debian's `dataset-fashion-mnist` package) and Burn's cache
+//! (`<cache>/burn-dataset/fashion-mnist`); when none holds them, they are fetched into the cache
+//! (see [`crate::download`]) unless fetching is off. Every file is checked against a pinned
+//! SHA-256 of its idx content wherever it comes from.
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -14,19 +15,19 @@ use burn::data::dataloader::batcher::Batcher;
 use burn::data::dataset::{Dataset, InMemDataset};
 use burn::prelude::*;
 
+use crate::download::{offline_hint, Downloader, FASHION_MNIST_SHA256};
+
 /// Mean and standard deviation of Fashion-MNIST pixels (scaled to [0, 1]).
 const MEAN: f32 = 0.2860;
 const STD: f32 = 0.3530;
 const PIXELS: usize = 28 * 28;
-const FILES: [&str; 4] = [
+/// The four files, in the order of [`FASHION_MNIST_SHA256`].
+pub const FILES: [&str; 4] = [
     "train-images-idx3-ubyte",
     "train-labels-idx1-ubyte",
     "t10k-images-idx3-ubyte",
     "t10k-labels-idx1-ubyte",
 ];
-/// Where the dataset's authors publish the files.
-#[cfg_attr(not(feature = "download"), allow(dead_code))]
-const SOURCE: &str = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/";
 
 /// One image (28×28 grey, row-major) and its class 0..=9.
 #[derive(Clone, Debug)]
@@ -50,6 +51,30 @@ pub struct FashionMnist {
     pub test: InMemDataset<FashionItem>,
     /// The folder the files were read from.
     pub source: PathBuf,
+    /// Whether the files were fetched over the network by this call.
+    pub fetched: bool,
+}
+
+/// Whether missing data may be fetched over the network.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fetch {
+    /// Fetch into Burn's cache when no folder holds the data (the default).
+    Allowed,
+    /// Never touch the network (`--offline`, or `FASHION_MNIST_OFFLINE=1`).
+    Offline,
+}
+
+impl Fetch {
+    /// `Offline` when `offline` is set or `FASHION_MNIST_OFFLINE` is set to anything but `0`
+    /// or an empty value.
+    pub fn from_flag(offline: bool) -> Self {
+        let env = std::env::var("FASHION_MNIST_OFFLINE").is_ok_and(|v| !v.is_empty() && v != "0");
+        if offline || env {
+            Self::Offline
+        } else {
+            Self::Allowed
+        }
+    }
 }
 
 /// Why the data could not be loaded, with what to do about it.
@@ -101,10 +126,13 @@ fn unusable(dir: &Path) -> Option<String> {
 }
 
 impl FashionMnist {
-    /// Reads the dataset. A folder the user names (`data_dir`, else `$FASHION_MNIST_DIR`) must
-    /// hold the data: when it does not, that is an error, never a fallback. Without one, the
-    /// Debian package's folder and Burn's cache are searched, in that order.
-    pub fn load(data_dir: Option<&Path>) -> Result<Self, DataError> {
+    /// Reads the dataset, verified. A folder the user names (`data_dir`, else
+    /// `$FASHION_MNIST_DIR`) must hold the data: when it does not, that is an error, never a
+    /// fallback. Without one, the Debian package's folder and Burn's cache are searched, in that
+    /// order, and when neither holds the data it is fetched into the cache (unless `fetch` is
+    /// [`Fetch::Offline`]).
+    pub fn load(data_dir: Option<&Path>, fetch: Fetch) -> Result<Self, DataError> {
+        let checksums = Some(&FASHION_MNIST_SHA256);
         let named = data_dir
             .map(|dir| ("--data-dir", dir.to_path_buf()))
             .or_else(|| std::env::var_os("FASHION_MNIST_DIR").map(|dir| ("FASHION_MNIST_DIR", PathBuf::from(dir))));
@@ -116,43 +144,68 @@ impl FashionMnist {
                     FILES.join(", ")
                 )));
             }
-            return Self::read_dir(dir);
+            return Self::read_dir(dir, checksums);
         }
         let candidates = candidate_dirs();
-        let dir = match candidates.iter().find(|dir| complete(dir)).cloned() {
-            Some(dir) => dir,
-            None => download().map_err(|reason| DataError(not_found_message(&candidates, &reason)))?,
+        if let Some(dir) = candidates.iter().find(|dir| complete(dir)) {
+            return Self::read_dir(dir.clone(), checksums);
+        }
+        let Some(cache) = burn_cache_dir() else {
+            return Err(DataError(not_found_message(&candidates, "there is no cache folder on this system")));
         };
-        Self::read_dir(dir)
+        if fetch == Fetch::Offline {
+            return Err(DataError(not_found_message(&candidates, "fetching is off (--offline or FASHION_MNIST_OFFLINE)")));
+        }
+        Downloader::default().fetch(&cache)?;
+        let mut data = Self::read_dir(cache, checksums)?;
+        data.fetched = true;
+        Ok(data)
     }
 
-    fn read_dir(dir: PathBuf) -> Result<Self, DataError> {
+    /// Reads the four files of `dir`; with `checksums` (in [`FILES`] order), each file's idx
+    /// content must have that SHA-256.
+    pub fn read_dir(dir: PathBuf, checksums: Option<&[&str; 4]>) -> Result<Self, DataError> {
         let path = |name: &str| {
             file_in(&dir, name).ok_or_else(|| DataError(format!("{}: {name}[.gz] is missing", dir.display())))
         };
-        let read = |images: &str, labels: &str| -> Result<InMemDataset<FashionItem>, DataError> {
-            let (images_path, labels_path) = (path(images)?, path(labels)?);
-            let (image_dims, images) = read_idx(&images_path, &[None, Some(28), Some(28)])?;
-            let (label_dims, labels) = read_idx(&labels_path, &[None])?;
-            if image_dims[0] != label_dims[0] {
+        let read = |index: usize, expected: &[Option<u32>]| -> Result<(PathBuf, Idx), DataError> {
+            let file = path(FILES[index])?;
+            let idx = read_idx(&file, Some(expected))?;
+            if let Some(want) = checksums.map(|sums| sums[index]) {
+                if idx.sha256 != want {
+                    return Err(DataError(format!(
+                        "{}: the SHA-256 of its idx content is {}, expected {want}: the file is damaged or not \
+                         Fashion-MNIST; replace it (or remove it from the cache to fetch it again)",
+                        file.display(),
+                        idx.sha256
+                    )));
+                }
+            }
+            Ok((file, idx))
+        };
+        let split = |images: usize, labels: usize| -> Result<InMemDataset<FashionItem>, DataError> {
+            let (images_path, images) = read(images, &[None, Some(28), Some(28)])?;
+            let (labels_path, labels) = read(labels, &[None])?;
+            if images.dims[0] != labels.dims[0] {
                 return Err(DataError(format!(
                     "{} holds {} images but {} holds {} labels",
                     images_path.display(),
-                    image_dims[0],
+                    images.dims[0],
                     labels_path.display(),
-                    label_dims[0]
+                    labels.dims[0]
                 )));
             }
-            if let Some(at) = labels.iter().position(|&label| label as usize >= CLASSES.len()) {
+            if let Some(at) = labels.payload.iter().position(|&label| label as usize >= CLASSES.len()) {
                 return Err(DataError(format!(
                     "{}: label {} of item {at} is not a class (0..=9)",
                     labels_path.display(),
-                    labels[at]
+                    labels.payload[at]
                 )));
             }
             let items = images
+                .payload
                 .chunks_exact(PIXELS)
-                .zip(labels)
+                .zip(labels.payload)
                 .map(|(image, label)| FashionItem {
                     image: image.to_vec(),
                     label,
@@ -161,59 +214,42 @@ impl FashionMnist {
             Ok(InMemDataset::new(items))
         };
         Ok(Self {
-            train: read(FILES[0], FILES[1])?,
-            test: read(FILES[2], FILES[3])?,
+            train: split(0, 1)?,
+            test: split(2, 3)?,
             source: dir,
+            fetched: false,
         })
     }
 }
 
-fn not_found_message(candidates: &[PathBuf], download: &str) -> String {
+fn not_found_message(candidates: &[PathBuf], fetch: &str) -> String {
     let searched: Vec<String> = candidates.iter().map(|dir| format!("  - {}", dir.display())).collect();
     format!(
-        "Fashion-MNIST was not found. Searched, in order:\n{}\nEach folder must hold the four files \
-         {} (gzipped or not).\nTo get them:\n  - Debian/Ubuntu: `sudo apt-get install dataset-fashion-mnist` \
-         (installs /usr/share/datasets/fashion-mnist);\n  - or download them from \
-         https://github.com/zalandoresearch/fashion-mnist and pass `--data-dir <folder>` or set \
-         FASHION_MNIST_DIR;\n  - or build with `--features download` on a machine with internet access.\n\
-         Download: {download}",
+        "Fashion-MNIST was not found in:\n{}\nand was not fetched: {fetch}.\n{}",
         searched.join("\n"),
-        FILES.join(", ")
+        offline_hint()
     )
-}
-
-#[cfg(not(feature = "download"))]
-fn download() -> Result<PathBuf, String> {
-    Err("not attempted (built without the `download` feature)".into())
-}
-
-#[cfg(feature = "download")]
-fn download() -> Result<PathBuf, String> {
-    use burn::data::network::downloader::download_file_as_bytes;
-    let dir = burn_cache_dir().ok_or("no cache folder on this system")?;
-    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-    for name in FILES {
-        let target = dir.join(format!("{name}.gz"));
-        if target.is_file() {
-            continue;
-        }
-        let url = format!("{SOURCE}{name}.gz");
-        // Burn's downloader panics when the network fails; turn that into an error.
-        let bytes = std::panic::catch_unwind(|| download_file_as_bytes(&url, name))
-            .map_err(|_| format!("fetching {url} failed (no network?)"))?;
-        std::fs::write(&target, bytes).map_err(|e| format!("{}: {e}", target.display()))?;
-    }
-    Ok(dir)
 }
 
 /// Largest payload accepted: 64 × the 47 MB of the training images.
 const MAX_PAYLOAD: u64 = 3 << 30;
 
+/// An idx file's dimensions, payload and the SHA-256 of its (decompressed) content.
+pub struct Idx {
+    /// The dimensions from the header.
+    pub dims: Vec<u32>,
+    /// The bytes after the header.
+    pub payload: Vec<u8>,
+    /// SHA-256 of the header and payload, lower-case hex.
+    pub sha256: String,
+}
+
 /// Reads an idx file of unsigned bytes (optionally gzipped) whose dimensions must match
-/// `expected` (`None`: any size); returns its dimensions and payload. The header is read and
-/// checked first, and at most the payload it announces (plus one byte, to detect trailing data)
-/// is decompressed, so a hostile file cannot make the reader allocate more than it declares.
-pub fn read_idx(path: &Path, expected: &[Option<u32>]) -> Result<(Vec<u32>, Vec<u8>), DataError> {
+/// `expected` (`None` inside: any size; `None`: any rank). The header is read and checked first,
+/// and at most the payload it announces (plus one byte, to detect trailing data) is
+/// decompressed, so a hostile file cannot make the reader allocate more than it declares.
+pub fn read_idx(path: &Path, expected: Option<&[Option<u32>]>) -> Result<Idx, DataError> {
+    use sha2::Digest;
     use std::io::BufRead;
     let error = |what: String| DataError(format!("{}: {what}", path.display()));
     let file = std::fs::File::open(path).map_err(|e| error(e.to_string()))?;
@@ -224,25 +260,28 @@ pub fn read_idx(path: &Path, expected: &[Option<u32>]) -> Result<(Vec<u32>, Vec<
     } else {
         Box::new(buffered)
     };
-    let rank = expected.len();
+    let mut hasher = sha2::Sha256::new();
     let mut magic = [0u8; 4];
     reader
         .read_exact(&mut magic)
         .map_err(|e| error(format!("cannot read the idx header: {e}")))?;
-    if magic != [0, 0, 8, rank as u8] {
+    hasher.update(magic);
+    let rank = expected.map_or(magic[3] as usize, <[_]>::len);
+    if magic[..3] != [0, 0, 8] || magic[3] as usize != rank || !(1..=3).contains(&rank) {
         return Err(error(format!(
             "not an idx file of rank {rank} of unsigned bytes (magic {magic:02x?}, expected [00, 00, 08, {rank:02x}])"
         )));
     }
     let mut dims = Vec::with_capacity(rank);
-    for (i, want) in expected.iter().enumerate() {
+    for i in 0..rank {
         let mut word = [0u8; 4];
         reader
             .read_exact(&mut word)
             .map_err(|e| error(format!("cannot read dimension {i} of the idx header: {e}")))?;
+        hasher.update(word);
         let dim = u32::from_be_bytes(word);
-        if want.is_some_and(|want| want != dim) {
-            return Err(error(format!("dimension {i} is {dim}, expected {}", want.unwrap_or(dim))));
+        if let Some(want) = expected.and_then(|e| e[i]).filter(|&want| want != dim) {
+            return Err(error(format!("dimension {i} is {dim}, expected {want}")));
         }
         dims.push(dim);
     }
@@ -260,8 +299,17 @@ pub fn read_idx(path: &Path, expected: &[Option<u32>]) -> Result<(Vec<u32>, Vec<
     match (payload.len() as u64).cmp(&len) {
         std::cmp::Ordering::Less => Err(error(format!("holds {} bytes of data, its header says {len}", payload.len()))),
         std::cmp::Ordering::Greater => Err(error(format!("holds more data than the {len} bytes its header says"))),
-        std::cmp::Ordering::Equal => Ok((dims, payload)),
+        std::cmp::Ordering::Equal => {
+            hasher.update(&payload);
+            let sha256 = hasher.finalize().iter().map(|b| format!("{b:02x}")).collect();
+            Ok(Idx { dims, payload, sha256 })
+        }
     }
+}
+
+/// SHA-256 of the idx content of the file at `path` (decompressed when gzipped).
+pub fn idx_sha256(path: &Path) -> Result<String, DataError> {
+    read_idx(path, None).map(|idx| idx.sha256)
 }
 
 /// The first `n` items of `dataset` (all of them when `n` is `None` or larger).
@@ -365,7 +413,7 @@ mod tests {
     fn read(bytes: &[u8], expected: &[Option<u32>]) -> Result<(Vec<u32>, Vec<u8>), String> {
         let dir = std::env::temp_dir().join(format!("fashion-idx-test-{}-{:p}", std::process::id(), bytes));
         std::fs::write(&dir, bytes).unwrap();
-        let result = read_idx(&dir, expected).map_err(|e| e.to_string());
+        let result = read_idx(&dir, Some(expected)).map(|idx| (idx.dims, idx.payload)).map_err(|e| e.to_string());
         let _ = std::fs::remove_file(&dir);
         result
     }
@@ -404,7 +452,7 @@ mod named_folder_tests {
     use super::*;
 
     fn message(dir: &Path) -> String {
-        match FashionMnist::load(Some(dir)) {
+        match FashionMnist::load(Some(dir), Fetch::Offline) {
             Ok(_) => panic!("{} loaded", dir.display()),
             Err(err) => err.to_string(),
         }
@@ -459,7 +507,9 @@ mod named_folder_tests {
         let err = message(&dir);
         assert!(err.contains("2 images but"), "{err}");
         std::fs::write(dir.join(FILES[1]), labels(&[3, 9])).unwrap();
-        assert_eq!(FashionMnist::load(Some(&dir)).unwrap().train.len(), 2);
+        let err = message(&dir);
+        assert!(err.contains("SHA-256") && err.contains(FILES[0]), "{err}");
+        assert_eq!(FashionMnist::read_dir(dir.clone(), None).unwrap().train.len(), 2);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

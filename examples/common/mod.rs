@@ -5,6 +5,7 @@
 compile_error!("the examples need a backend: enable one of the features `ndarray`, `flex`, `wgpu` or `cuda`");
 
 pub mod cli;
+pub mod download;
 pub mod fashion;
 pub mod methods;
 pub mod model;
