@@ -21,6 +21,15 @@ def mean(xs):
     return statistics.fmean(xs) if xs else float("nan")
 
 
+def per_epoch(group, methods, key, what):
+    print(f"{what} per epoch (%, mean of seeds), every 3rd epoch:")
+    for m in methods:
+        rs = [r for r in group if r["variant"] == m]
+        epochs = len(rs[0]["epochs"])
+        row = [mean([r["epochs"][e][key] for r in rs]) * 100 for e in range(epochs)]
+        print(f"  {m:18s} " + " ".join(f"{v:5.1f}" for v in row[::3]) + f"  (last {row[-1]:.1f})")
+
+
 by_setting = defaultdict(list)
 for run in runs:
     by_setting[run["noise"]].append(run)
@@ -35,18 +44,8 @@ for noise in sorted(by_setting, reverse=True):
         cells = ", ".join(f"s{r['seed']} {100 * r['epochs'][-1]['test_accuracy']:.2f}/{r['train_seconds']:.1f}" for r in rs)
         print(f"  {m:18s} {cells}")
     if noise > 0:
-        print("memorized flipped labels per epoch (%, mean of seeds), every 3rd epoch:")
-        for m in methods:
-            rs = [r for r in group if r["variant"] == m]
-            epochs = len(rs[0]["epochs"])
-            row = [mean([r["epochs"][e]["memorized"] for r in rs]) * 100 for e in range(epochs)]
-            print(f"  {m:18s} " + " ".join(f"{v:5.1f}" for v in row[::3]) + f"  (last {row[-1]:.1f})")
-        print("test accuracy per epoch (%, mean of seeds), every 3rd epoch:")
-        for m in methods:
-            rs = [r for r in group if r["variant"] == m]
-            epochs = len(rs[0]["epochs"])
-            row = [mean([r["epochs"][e]["test_accuracy"] for r in rs]) * 100 for e in range(epochs)]
-            print(f"  {m:18s} " + " ".join(f"{v:5.1f}" for v in row[::3]) + f"  (last {row[-1]:.1f})")
+        per_epoch(group, methods, "memorized", "memorized flipped labels")
+        per_epoch(group, methods, "test_accuracy", "test accuracy")
     for m in methods:
         rs = [r for r in group if r["variant"] == m and r["windows"]]
         if not rs:
