@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # The examples' front door: every bad input must end with exit 2 (a bad command line) or 1 (a
 # failure at run time) and a message that names the problem, never a panic (101) or a silent run.
-# Needs the release examples (`cargo build --release -p burn-sam-sample-examples --examples`)
+# Needs the release examples (`cargo build --release -p burn-sam-sample-examples --examples`; found in
+# $EXAMPLES_DIR, else $CARGO_TARGET_DIR/release/examples, else target/release/examples)
 # and the Fashion-MNIST data where the examples look for it by default.
 set -u
 cd "$(dirname "$0")/.."
-bin=${EXAMPLES_DIR:-target/release/examples}
+bin=${EXAMPLES_DIR:-${CARGO_TARGET_DIR:-target}/release/examples}
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 pass=0
