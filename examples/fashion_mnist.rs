@@ -27,6 +27,7 @@ use burn::train::metric::{AccuracyMetric, LossMetric};
 use burn::train::{ClassificationOutput, InferenceStep, Learner, SupervisedTraining, TrainOutput, TrainStep};
 use burn_sam_sample::learner::{
     verify_checkpoint, GradientPassesMetric, PsfRatioMetric, SamFractionMetric, SamHandle, SamOutput, SamQuotaMetric,
+    SamTargetMetric,
     SamTrainingExt,
 };
 use burn_sam_sample::backend;
@@ -173,6 +174,7 @@ fn train(options: Args) -> Result<(), Box<dyn std::error::Error>> {
         .metric_train_numeric(SamFractionMetric::new())
         .metric_train_numeric(GradientPassesMetric::new())
         .metric_train_numeric(SamQuotaMetric::new())
+        .metric_train_numeric(SamTargetMetric::new())
         .metric_train_numeric(PsfRatioMetric::new())
         .with_sam_checkpointing(&options.artifact_dir, &sam, KeepLastNCheckpoints::new(2))
         // Log records go to stderr through env_logger, not to Burn's experiment log file.

@@ -22,7 +22,8 @@ use burn::train::{
     TrainOutput, TrainStep,
 };
 use burn_sam_sample::learner::{
-    verify_checkpoint, GradientPassesMetric, PsfRatioMetric, SamFractionMetric, SamHandle, SamOutput, SamQuotaMetric, SamTrainingExt,
+    verify_checkpoint, GradientPassesMetric, PsfRatioMetric, SamFractionMetric, SamHandle, SamOutput, SamQuotaMetric,
+    SamTargetMetric, SamTrainingExt,
 };
 use burn_sam_sample::policy::{GatePolicy, VariationConfig};
 use burn_sam_sample::SamConfig;
@@ -171,6 +172,7 @@ fn training(dir: &Path, epochs: usize) -> SupervisedTraining<Net> {
         .metric_train_numeric(SamFractionMetric::new())
         .metric_train_numeric(GradientPassesMetric::new())
         .metric_train_numeric(SamQuotaMetric::new())
+        .metric_train_numeric(SamTargetMetric::new())
         .metric_train_numeric(PsfRatioMetric::new())
         .with_application_logger(None)
 }
@@ -226,6 +228,8 @@ fn two_epochs_log_sam_metrics_that_match_the_passes_run() {
     assert!(second_passes >= 3 && second_passes < steps, "warm-up plus gating: {second_passes} of {steps}");
     let quota = logged_values(dir.path(), 2, "SAM_Quota");
     assert!(quota.iter().all(|&s| s >= 1.0), "{quota:?}");
+    let target = logged_values(dir.path(), 2, "SAM_Target");
+    assert!(!target.is_empty() && target.iter().all(|&f| f > 0.0 && f <= 0.8), "{target:?}");
     assert!(logged_values(dir.path(), 2, "PSF_Ratio").iter().any(|&r| r > 0.0));
     let telemetry = handle.telemetry();
     assert_eq!((telemetry.step as usize, telemetry.sam_steps as usize), (steps, second_passes));

@@ -118,6 +118,16 @@ sam_metric!(
 );
 
 sam_metric!(
+    /// The fraction of SAM steps the gate aims at: floor(s)/K for vSAM, the current rate for
+    /// vSAM-trend (0 for gates without one).
+    SamTargetMetric,
+    "SAM Target",
+    3,
+    false,
+    |t| t.target_fraction.unwrap_or(0.0)
+);
+
+sam_metric!(
     /// ‖PSF‖/‖g‖ over the last N tensors, as of the last successful SAM step (0 before one).
     PsfRatioMetric,
     "PSF Ratio",

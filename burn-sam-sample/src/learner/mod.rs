@@ -17,7 +17,7 @@ mod metrics;
 mod output;
 
 pub use checkpoint::{verify_checkpoint, SamCheckpointer, SamCheckpointing, SamTrainingExt};
-pub use metrics::{GradientPassesMetric, PsfRatioMetric, SamFractionMetric, SamQuotaMetric, SamStepInfo};
+pub use metrics::{GradientPassesMetric, PsfRatioMetric, SamFractionMetric, SamQuotaMetric, SamStepInfo, SamTargetMetric};
 pub use output::SamOutput;
 
 use std::collections::BTreeMap;
