@@ -792,7 +792,18 @@ fn header(args: &Args, train_len: usize, test_len: usize, minutes: f64, device: 
 
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
-    match run_benchmark(Args::parse()) {
+    let args = Args::parse();
+    // Method names depend on --budget (`periodic{k}-reuse`), so they are checked here, as a
+    // usage error (exit 2) like every other bad option.
+    let all = all_variants(args.budget);
+    for names in [&args.methods, &args.control_methods] {
+        if let Err(message) = select(&all, names) {
+            <Args as clap::CommandFactory>::command()
+                .error(clap::error::ErrorKind::InvalidValue, message)
+                .exit();
+        }
+    }
+    match run_benchmark(args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("error: {error}");

@@ -42,6 +42,8 @@ expect 2 "--test-subset" "$fm" --test-subset 0
 expect 2 "--min-accuracy" "$fm" --min-accuracy nan
 expect 2 "--workers" "$fm" --workers 0
 expect 2 "--rho" "$cl" --rho inf
+expect 2 "unknown method \`nosuch\`" "$bin/benchmark" --quick --methods sgd,nosuch
+expect 2 "--label-noise" "$bin/benchmark" --quick --label-noise 1.5
 # A run too long to count.
 expect 1 "too many steps" "$fm" --epochs 18446744073709551615
 
