@@ -23,7 +23,7 @@ use burn::module::Module;
 use burn::nn::loss::CrossEntropyLossConfig;
 use burn::optim::{decay::WeightDecayConfig, momentum::MomentumConfig, SgdConfig};
 use burn::prelude::*;
-use burn_sam_sample::policy::{GatePolicy, PolicyState};
+use burn_sam_sample::policy::{GatePolicy, Rule};
 use burn_sam_sample::reuse::ReusePolicy;
 use burn_sam_sample::{backend, SamConfig, SamOptimizer};
 use burn_sam_sample_examples::cli::parse;
@@ -130,10 +130,17 @@ enum Recipe {
     Sam,
     Asam,
     /// vSAM with the authors' gate: warm-up scaled to the run, or a fixed number of epochs.
-    Vsam { fixed_warmup_epochs: Option<usize>, reuse: bool },
+    Vsam {
+        fixed_warmup_epochs: Option<usize>,
+        reuse: bool,
+    },
     Trend,
-    PeriodicReuse { k: usize },
-    LookSam { k: usize },
+    PeriodicReuse {
+        k: usize,
+    },
+    LookSam {
+        k: usize,
+    },
     AeSam,
     Rst,
 }
@@ -284,7 +291,13 @@ struct NoisyTrain {
 }
 
 /// Same items, with a fraction of the labels replaced by a uniformly drawn different class.
-fn with_label_noise(data: &InMemDataset<FashionItem>, fraction: f64, seed: u64, tracked: usize, device: &Device) -> NoisyTrain {
+fn with_label_noise(
+    data: &InMemDataset<FashionItem>,
+    fraction: f64,
+    seed: u64,
+    tracked: usize,
+    device: &Device,
+) -> NoisyTrain {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ 0x6e_6f69_7365);
     let mut flipped = Vec::new();
     let items: Vec<FashionItem> = (0..data.len())
@@ -350,9 +363,9 @@ impl WindowAccumulator {
 
     fn close(&mut self, optim: &SamOptimizer, next_start: usize) -> WindowTrace {
         let gate = optim.engine().gate();
-        let (changes, level) = match &gate.state().policy {
-            PolicyState::Variation(v) => (v.last_changes, None),
-            PolicyState::Trend(p) => (None, Some(p.level())),
+        let (changes, level) = match gate.rule() {
+            Rule::Variation(_, v) => (v.last_changes, None),
+            Rule::Trend(_, p) => (None, Some(p.level())),
             _ => (None, None),
         };
         let trace = WindowTrace {
@@ -376,15 +389,17 @@ struct Setting<'a> {
     test: &'a [FashionBatch],
 }
 
-fn run(args: &Args, variant: &Variant, setting: &Setting, device: &Device) -> Result<RunResult, Box<dyn std::error::Error>> {
+fn run(
+    args: &Args,
+    variant: &Variant,
+    setting: &Setting,
+    device: &Device,
+) -> Result<RunResult, Box<dyn std::error::Error>> {
     let train = &setting.train.data;
     let seed = setting.seed;
     let train_device = device.clone().autodiff();
     let steps_per_epoch = train.len().div_ceil(args.batch_size);
-    let shape = RunShape {
-        steps_per_epoch,
-        total_steps: steps_per_epoch.saturating_mul(args.epochs),
-    };
+    let shape = RunShape { steps_per_epoch, total_steps: steps_per_epoch.saturating_mul(args.epochs) };
     let config = variant.config(args, &shape, seed);
     train_device.seed(seed);
     let mut model = CnnConfig::new().with_channels(args.channels).with_hidden(args.hidden).init(&train_device);
@@ -432,15 +447,9 @@ fn run(args: &Args, variant: &Variant, setting: &Setting, device: &Device) -> Re
         }
         let test_accuracy = evaluate(&model, setting.test);
         let (memorized, flipped_true) = memorization(&model, &setting.train.flipped);
-        epochs.push(EpochPoint {
-            epoch,
-            train_seconds,
-            test_accuracy,
-            memorized,
-            flipped_true,
-        });
+        epochs.push(EpochPoint { epoch, train_seconds, test_accuracy, memorized, flipped_true });
     }
-    let counters = optim.engine_mut().sync_counters();
+    let counters = optim.engine_mut().sync_telemetry();
     Ok(RunResult {
         variant: variant.name.clone(),
         noise: setting.noise,
@@ -448,7 +457,7 @@ fn run(args: &Args, variant: &Variant, setting: &Setting, device: &Device) -> Re
         epochs,
         train_seconds,
         images: train.len() * args.epochs,
-        steps: counters.steps,
+        steps: counters.step,
         passes: counters.passes,
         sam_steps: counters.sam_steps,
         non_finite_steps: counters.non_finite_steps,
@@ -459,11 +468,7 @@ fn run(args: &Args, variant: &Variant, setting: &Setting, device: &Device) -> Re
 fn mean_std(values: &[f64]) -> (f64, f64) {
     let n = values.len() as f64;
     let mean = values.iter().sum::<f64>() / n;
-    let var = if values.len() > 1 {
-        values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (n - 1.0)
-    } else {
-        0.0
-    };
+    let var = if values.len() > 1 { values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (n - 1.0) } else { 0.0 };
     (mean, var.sqrt())
 }
 
@@ -615,7 +620,12 @@ const COLORS: [RGBColor; 12] = [
 type PlotResult = Result<(), Box<dyn std::error::Error>>;
 
 /// Mean over seeds of `value` per epoch, for each method that has it.
-fn epoch_series(results: &[RunResult], names: &[String], noise: f64, value: impl Fn(&EpochPoint) -> Option<f64>) -> Vec<(String, Vec<(f64, f64)>)> {
+fn epoch_series(
+    results: &[RunResult],
+    names: &[String],
+    noise: f64,
+    value: impl Fn(&EpochPoint) -> Option<f64>,
+) -> Vec<(String, Vec<(f64, f64)>)> {
     names
         .iter()
         .filter_map(|name| {
@@ -670,7 +680,12 @@ fn plot_gate(path: &Path, run: &RunResult) -> PlotResult {
     let target: Vec<(f64, f64)> = run.windows.iter().filter_map(|w| w.target_fraction.map(|t| (at(w), t))).collect();
     let mut chart = ChartBuilder::on(&panels[0])
         .caption(
-            format!("{} (noise {:.0} %, seed {}): SAM fraction per {WINDOW}-step window", run.variant, run.noise * 100.0, run.seed),
+            format!(
+                "{} (noise {:.0} %, seed {}): SAM fraction per {WINDOW}-step window",
+                run.variant,
+                run.noise * 100.0,
+                run.seed
+            ),
             ("sans-serif", 16),
         )
         .margin(8)
@@ -745,7 +760,11 @@ fn header(args: &Args, train_len: usize, test_len: usize, minutes: f64, device: 
         out,
         "Written by `examples/benchmark.rs`. The tables and plots come from the one run described here; the hand-written sections after them name the command behind each of their numbers.\n"
     );
-    let _ = writeln!(out, "- command: `cargo run --release -p burn-sam-sample-examples --example benchmark -- {}`", command.join(" "));
+    let _ = writeln!(
+        out,
+        "- command: `cargo run --release -p burn-sam-sample-examples --example benchmark -- {}`",
+        command.join(" ")
+    );
     let _ = writeln!(out, "- machine: {}; backend {device:?}", args.machine);
     let _ = writeln!(
         out,
@@ -798,9 +817,7 @@ fn main() -> ExitCode {
     let all = all_variants(args.budget);
     for names in [&args.methods, &args.control_methods] {
         if let Err(message) = select(&all, names) {
-            <Args as clap::CommandFactory>::command()
-                .error(clap::error::ErrorKind::InvalidValue, message)
-                .exit();
+            <Args as clap::CommandFactory>::command().error(clap::error::ErrorKind::InvalidValue, message).exit();
         }
     }
     match run_benchmark(args) {
@@ -832,7 +849,9 @@ fn run_benchmark(mut args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let test: Vec<FashionBatch> = (0..test_set.len())
         .collect::<Vec<_>>()
         .chunks(500)
-        .map(|chunk| FashionBatcher::plain().batch(chunk.iter().filter_map(|&i| test_set.get(i).ok()).collect(), &device))
+        .map(|chunk| {
+            FashionBatcher::plain().batch(chunk.iter().filter_map(|&i| test_set.get(i).ok()).collect(), &device)
+        })
         .collect();
 
     let started = Instant::now();
@@ -877,12 +896,8 @@ fn run_benchmark(mut args: Args) -> Result<(), Box<dyn std::error::Error>> {
             .map(|v| v.name.clone())
             .collect();
         let rows = summarize(&results, &names, noise);
-        let _ = writeln!(
-            report,
-            "## Label noise {:.0} %{}\n",
-            noise * 100.0,
-            if noise == 0.0 { " (control)" } else { "" }
-        );
+        let _ =
+            writeln!(report, "## Label noise {:.0} %{}\n", noise * 100.0, if noise == 0.0 { " (control)" } else { "" });
         report.push_str(&table(&rows));
         report.push('\n');
         report.push_str(&goal_check(&rows));
@@ -893,12 +908,22 @@ fn run_benchmark(mut args: Args) -> Result<(), Box<dyn std::error::Error>> {
         let tag = setting_name(noise);
         let accuracy_plot = stem.join(format!("accuracy-{tag}.svg"));
         let series = epoch_series(&results, &names, noise, |e| Some(e.test_accuracy));
-        plot_epochs(&accuracy_plot, &format!("Test accuracy per epoch, mean of seeds (label noise {:.0} %)", noise * 100.0), "test accuracy (%)", &series)?;
+        plot_epochs(
+            &accuracy_plot,
+            &format!("Test accuracy per epoch, mean of seeds (label noise {:.0} %)", noise * 100.0),
+            "test accuracy (%)",
+            &series,
+        )?;
         let _ = writeln!(report, "![test accuracy per epoch]({})\n", rel(&accuracy_plot));
         if noise > 0.0 {
             let memo_plot = stem.join(format!("memorization-{tag}.svg"));
             let series = epoch_series(&results, &names, noise, |e| e.memorized);
-            plot_epochs(&memo_plot, "Flipped training images predicted as their noisy label (memorization)", "memorized (%)", &series)?;
+            plot_epochs(
+                &memo_plot,
+                "Flipped training images predicted as their noisy label (memorization)",
+                "memorized (%)",
+                &series,
+            )?;
             let _ = writeln!(report, "![memorization per epoch]({})\n", rel(&memo_plot));
         }
         for run in results.iter().filter(|r| r.noise == noise && r.seed == 0 && !r.windows.is_empty()) {

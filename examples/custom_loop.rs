@@ -18,9 +18,9 @@ use burn::module::Module;
 use burn::nn::loss::CrossEntropyLossConfig;
 use burn::optim::{decay::WeightDecayConfig, momentum::MomentumConfig, SgdConfig};
 use burn_sam_sample::backend;
-use burn_sam_sample_examples::methods::cosine_lr;
-use burn_sam_sample_examples::fashion::{subset, FashionBatch, FashionBatcher, FashionMnist, Fetch};
 use burn_sam_sample_examples::cli::TrainArgs;
+use burn_sam_sample_examples::fashion::{subset, FashionBatch, FashionBatcher, FashionMnist, Fetch};
+use burn_sam_sample_examples::methods::cosine_lr;
 use burn_sam_sample_examples::model::{Cnn, CnnConfig};
 use clap::Parser;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -64,10 +64,8 @@ fn train(Args { train: args, artifact_dir }: Args) -> Result<(), Box<dyn std::er
         .shuffle(args.seed)
         .build(train)
         .to_device(&train_device);
-    let test_loader = DataLoaderBuilder::new(FashionBatcher::plain())
-        .batch_size(256)
-        .build(data.test)
-        .to_device(&device);
+    let test_loader =
+        DataLoaderBuilder::new(FashionBatcher::plain()).batch_size(256).build(data.test).to_device(&device);
 
     train_device.seed(args.seed);
     let mut model = CnnConfig::new().init(&train_device);
@@ -80,9 +78,7 @@ fn train(Args { train: args, artifact_dir }: Args) -> Result<(), Box<dyn std::er
     std::fs::create_dir_all(&artifact_dir)?;
 
     let bar = ProgressBar::new(total_steps as u64);
-    bar.set_style(ProgressStyle::with_template(
-        "{bar:40} {pos}/{len} steps, {elapsed} elapsed, ETA {eta} | {msg}",
-    )?);
+    bar.set_style(ProgressStyle::with_template("{bar:40} {pos}/{len} steps, {elapsed} elapsed, ETA {eta} | {msg}")?);
     let start = Instant::now();
     let mut step = 0usize;
     for epoch in 1..=args.epochs {
@@ -109,7 +105,7 @@ fn train(Args { train: args, artifact_dir }: Args) -> Result<(), Box<dyn std::er
         bar.println(format!("epoch {epoch}: test accuracy {:.2}%", accuracy * 100.0));
         // Model and optimizer state together allow an exact restart from this point.
         model.clone().save_file(artifact_dir.join(format!("model-{epoch}.bpk")))?;
-        optim.save(artifact_dir.join(format!("optim-{epoch}.bpk")))?;
+        optim.to_record().save(artifact_dir.join(format!("optim-{epoch}.bpk")))?;
     }
     bar.finish_and_clear();
     let t = optim.telemetry();

@@ -25,17 +25,16 @@ use burn::prelude::*;
 use burn::train::checkpoint::KeepLastNCheckpoints;
 use burn::train::metric::{AccuracyMetric, LossMetric};
 use burn::train::{ClassificationOutput, InferenceStep, Learner, SupervisedTraining, TrainOutput, TrainStep};
+use burn_sam_sample::backend;
 use burn_sam_sample::learner::{
     verify_checkpoint, GradientPassesMetric, PsfRatioMetric, SamFractionMetric, SamHandle, SamOutput, SamQuotaMetric,
-    SamTargetMetric,
-    SamTrainingExt,
+    SamTargetMetric, SamTrainingExt,
 };
-use burn_sam_sample::backend;
-use burn_sam_sample_examples::fashion::{subset, FashionBatch, FashionBatcher, FashionMnist, Fetch};
 use burn_sam_sample_examples::cli::{parse, TrainArgs};
+use burn_sam_sample_examples::correct;
+use burn_sam_sample_examples::fashion::{subset, FashionBatch, FashionBatcher, FashionMnist, Fetch};
 use burn_sam_sample_examples::methods::Method;
 use burn_sam_sample_examples::model::{Cnn, CnnConfig};
-use burn_sam_sample_examples::correct;
 use clap::Parser;
 
 /// Train a CNN on Fashion-MNIST with a member of the SAM family.
@@ -75,9 +74,7 @@ struct Classifier {
 impl Classifier {
     fn classify(&self, batch: FashionBatch) -> ClassificationOutput {
         let logits = self.net.forward(batch.images);
-        let loss = CrossEntropyLossConfig::new()
-            .init(&logits.device())
-            .forward(logits.clone(), batch.targets.clone());
+        let loss = CrossEntropyLossConfig::new().init(&logits.device()).forward(logits.clone(), batch.targets.clone());
         ClassificationOutput::new(loss, logits, batch.targets)
     }
 }
@@ -142,10 +139,7 @@ fn train(options: Args) -> Result<(), Box<dyn std::error::Error>> {
     let config = args.method.config(total_steps, warmup, args.rho, args.seed);
     let train_device = device.clone().autodiff();
     train_device.seed(args.seed);
-    let model = Classifier {
-        net: CnnConfig::new().init(&train_device),
-        sam: SamHandle::new(&config)?,
-    };
+    let model = Classifier { net: CnnConfig::new().init(&train_device), sam: SamHandle::new(&config)? };
     let sam = model.sam.clone();
 
     let train_loader = DataLoaderBuilder::new(if options.augment {
@@ -157,10 +151,8 @@ fn train(options: Args) -> Result<(), Box<dyn std::error::Error>> {
     .shuffle(args.seed)
     .num_workers(options.workers)
     .build(train);
-    let test_loader = DataLoaderBuilder::new(FashionBatcher::plain())
-        .batch_size(256)
-        .num_workers(options.workers)
-        .build(test);
+    let test_loader =
+        DataLoaderBuilder::new(FashionBatcher::plain()).batch_size(256).num_workers(options.workers).build(test);
 
     let base = SgdConfig::new()
         .with_momentum(Some(MomentumConfig::new().with_momentum(0.9).with_dampening(0.0)))
@@ -182,7 +174,9 @@ fn train(options: Args) -> Result<(), Box<dyn std::error::Error>> {
         .summary();
     if let Some(epoch) = options.resume {
         if epoch >= args.epochs {
-            return Err(format!("--resume {epoch}: the run has only {} epochs, nothing is left to train", args.epochs).into());
+            return Err(
+                format!("--resume {epoch}: the run has only {} epochs, nothing is left to train", args.epochs).into()
+            );
         }
         verify_checkpoint(&options.artifact_dir, epoch, &config)
             .map_err(|err| format!("--resume {epoch} in {}: {err}", options.artifact_dir.display()))?;

@@ -66,12 +66,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let n_train = y_train.dims()[0];
     let batch = 50;
     let warmup = args.steps / 10;
-    let methods = [
-        ("sgd", SamConfig::base_only()),
-        ("sam", SamConfig::sam()),
-        ("vsam", SamConfig::vsam(warmup)),
-    ];
-    println!("{:<6} {:>10} {:>9} {:>12} {:>13} {:>8}", "method", "train loss", "test acc", "SAM fraction", "passes/step", "time");
+    let methods = [("sgd", SamConfig::base_only()), ("sam", SamConfig::sam()), ("vsam", SamConfig::vsam(warmup))];
+    println!(
+        "{:<6} {:>10} {:>9} {:>12} {:>13} {:>8}",
+        "method", "train loss", "test acc", "SAM fraction", "passes/step", "time"
+    );
     for (name, config) in methods {
         let device = device.clone().autodiff();
         device.seed(args.seed);

@@ -2,11 +2,11 @@
 //! it says.
 
 use burn::module::{Module, ModuleMapper, Param};
-use burn::optim::{momentum::MomentumConfig, decay::WeightDecayConfig, GradientsParams, ModuleOptimizer, SgdConfig};
+use burn::optim::{decay::WeightDecayConfig, momentum::MomentumConfig, GradientsParams, ModuleOptimizer, SgdConfig};
 use burn::prelude::*;
 use burn_sam_sample::policy::GatePolicy;
 use burn_sam_sample::reuse::ReusePolicy;
-use burn_sam_sample::{SamConfig, SamEngine, SamError};
+use burn_sam_sample::{Pass, SamConfig, SamEngine};
 use burn_sam_sample_tests::{device, params, random_batch, random_mlp, values, Mlp};
 
 const LR: f64 = 0.05;
@@ -69,10 +69,7 @@ fn engine_run(config: SamConfig, mut model: Mlp, steps: usize) -> Mlp {
 }
 
 fn bits(model: &Mlp) -> Vec<Vec<u32>> {
-    params(model)
-        .into_iter()
-        .map(|(_, v)| v.into_iter().map(f32::to_bits).collect())
-        .collect()
+    params(model).into_iter().map(|(_, v)| v.into_iter().map(f32::to_bits).collect()).collect()
 }
 
 #[test]
@@ -115,11 +112,14 @@ fn directions(config: SamConfig, steps: usize) -> (Vec<Vec<f64>>, Vec<f64>) {
     for _ in 0..steps {
         let loss = model.loss(&x, &y);
         let grads = GradientsParams::from_grads(loss.backward(), &model);
-        let first = engine.first_pass(&model, grads, &loss);
-        let second = engine
-            .perturb(&model, &first)
-            .map(|p| GradientsParams::from_grads(p.loss(&x, &y).backward(), &p));
-        let direction = engine.finish(&model, first, second).unwrap();
+        let (direction, _) = match engine.first_pass(&model, grads, &loss) {
+            Pass::Sam(pass) => {
+                let perturbed = pass.perturbed(&model);
+                let second = GradientsParams::from_grads(perturbed.loss(&x, &y).backward(), &perturbed);
+                pass.finish(&model, second)
+            }
+            Pass::Cheap(pass) => pass.finish(&model),
+        };
         out.push(values(direction.get::<2>(id).unwrap()));
     }
     (out, plain)
@@ -154,22 +154,23 @@ fn no_reuse_cheap_steps_are_the_plain_gradient() {
 }
 
 #[test]
-fn finishing_out_of_protocol_is_an_error() {
+fn an_abandoned_pass_leaves_the_next_step_as_in_a_fresh_run() {
     let device = device();
     let model = random_mlp(&device, 3);
     let (x, y) = random_batch(&device, 4);
-    let mut engine = SamEngine::new(&SamConfig::sam()).unwrap();
-    let loss = model.loss(&x, &y);
-    let first = engine.first_pass(&model, GradientsParams::from_grads(loss.backward(), &model), &loss);
-    assert!(matches!(engine.finish(&model, first, None), Err(SamError::Protocol(_))));
-
-    let mut engine = SamEngine::new(&SamConfig::base_only()).unwrap();
-    let loss = model.loss(&x, &y);
-    let first = engine.first_pass(&model, GradientsParams::from_grads(loss.backward(), &model), &loss);
-    let loss = model.loss(&x, &y);
-    let extra = GradientsParams::from_grads(loss.backward(), &model);
-    let err = engine.finish(&model, first, Some(extra)).unwrap_err();
-    assert!(err.to_string().contains("cheap step"), "{err}");
+    let run = |abandon: bool| {
+        let mut engine = SamEngine::new(&SamConfig::sam()).unwrap();
+        if abandon {
+            let loss = model.loss(&x, &y);
+            let pass = engine.first_pass(&model, GradientsParams::from_grads(loss.backward(), &model), &loss);
+            assert!(pass.is_sam());
+        }
+        let loss = model.loss(&x, &y);
+        let grads = GradientsParams::from_grads(loss.backward(), &model);
+        let (direction, telemetry) = engine.first_pass(&model, grads, &loss).run(&model, |m| m.loss(&x, &y));
+        (values(direction.get::<2>(model.l1.weight.id).unwrap()), telemetry.step, telemetry.rounds)
+    };
+    assert_eq!(run(true), run(false));
 }
 
 #[test]

@@ -18,8 +18,8 @@ use burn::tensor::activation::relu;
 use burn::train::checkpoint::KeepLastNCheckpoints;
 use burn::train::metric::{AccuracyMetric, LossMetric};
 use burn::train::{
-    ClassificationOutput, ExecutionStrategy, InferenceStep, Learner, MultiDeviceOptim, SupervisedTraining,
-    TrainOutput, TrainStep,
+    ClassificationOutput, ExecutionStrategy, InferenceStep, Learner, MultiDeviceOptim, SupervisedTraining, TrainOutput,
+    TrainStep,
 };
 use burn_sam_sample::learner::{
     verify_checkpoint, GradientPassesMetric, PsfRatioMetric, SamFractionMetric, SamHandle, SamOutput, SamQuotaMetric,
@@ -65,10 +65,7 @@ fn items(count: usize, seed: u64) -> Vec<Item> {
         .map(|i| {
             let class = (i % 3) as i64;
             let angle = class as f32 * 2.1 + (i / 3) as f32 * 0.05;
-            Item {
-                x: [angle.cos() + 0.3 * noise[2 * i], angle.sin() + 0.3 * noise[2 * i + 1]],
-                y: class,
-            }
+            Item { x: [angle.cos() + 0.3 * noise[2 * i], angle.sin() + 0.3 * noise[2 * i + 1]], y: class }
         })
         .collect()
 }
@@ -76,9 +73,7 @@ fn items(count: usize, seed: u64) -> Vec<Item> {
 type Loader = Arc<dyn DataLoader<Batch>>;
 
 fn loaders() -> (Loader, Loader) {
-    let train = DataLoaderBuilder::new(ItemBatcher)
-        .batch_size(BATCH)
-        .build(InMemDataset::new(items(TRAIN_ITEMS, 1)));
+    let train = DataLoaderBuilder::new(ItemBatcher).batch_size(BATCH).build(InMemDataset::new(items(TRAIN_ITEMS, 1)));
     let valid = DataLoaderBuilder::new(ItemBatcher).batch_size(BATCH).build(InMemDataset::new(items(32, 2)));
     (train, valid)
 }
@@ -99,9 +94,7 @@ struct Net {
 impl Net {
     fn new(device: &Device, config: &SamConfig) -> Self {
         let weights = |seed: u64, rows: usize, cols: usize| {
-            Tensor::<1>::from_floats(normal(seed, rows * cols).as_slice(), device)
-                .reshape([rows, cols])
-                .mul_scalar(0.5)
+            Tensor::<1>::from_floats(normal(seed, rows * cols).as_slice(), device).reshape([rows, cols]).mul_scalar(0.5)
         };
         // Weights and biases from the tests' own generator: the device's is shared by test threads.
         let layer = |seed: u64, rows: usize, cols: usize| {
@@ -111,13 +104,7 @@ impl Net {
             layer
         };
         let (l1, l2) = (layer(10, 2, 16), layer(11, 16, 3));
-        Self {
-            l1,
-            l2,
-            sam: SamHandle::new(config).unwrap(),
-            forward_calls: Arc::default(),
-            decisions: Arc::default(),
-        }
+        Self { l1, l2, sam: SamHandle::new(config).unwrap(), forward_calls: Arc::default(), decisions: Arc::default() }
     }
 
     fn classify(&self, batch: Batch) -> ClassificationOutput {
@@ -154,9 +141,7 @@ impl InferenceStep for Net {
 }
 
 fn base() -> ModuleOptimizer {
-    SgdConfig::new()
-        .with_momentum(Some(MomentumConfig::new().with_momentum(0.9).with_dampening(0.0)))
-        .init()
+    SgdConfig::new().with_momentum(Some(MomentumConfig::new().with_momentum(0.9).with_dampening(0.0))).init()
 }
 
 fn vsam() -> SamConfig {
@@ -198,10 +183,7 @@ fn logged_values(dir: &Path, epoch: usize, metric: &str) -> Vec<f64> {
 }
 
 fn weight_bits(model: &Net) -> Vec<Vec<u32>> {
-    params(model)
-        .into_iter()
-        .map(|(_, v)| v.into_iter().map(f32::to_bits).collect())
-        .collect()
+    params(model).into_iter().map(|(_, v)| v.into_iter().map(f32::to_bits).collect()).collect()
 }
 
 #[test]
@@ -233,7 +215,7 @@ fn two_epochs_log_sam_metrics_that_match_the_passes_run() {
     assert!(logged_values(dir.path(), 2, "PSF_Ratio").iter().any(|&r| r > 0.0));
     let telemetry = handle.telemetry();
     assert_eq!((telemetry.step as usize, telemetry.sam_steps as usize), (steps, second_passes));
-    assert_eq!(telemetry.step, handle.engine().counters().rounds, "one decision per optimizer step");
+    assert_eq!(telemetry.step, handle.telemetry().rounds, "one decision per optimizer step");
 }
 
 #[test]
@@ -332,7 +314,7 @@ fn many_short_multi_device_runs_neither_race_nor_deadlock() {
                 decisions.chunks(per_round).all(|round| round.iter().all(|&d| d == round[0])),
                 "run {run}: {decisions:?}"
             );
-            assert_eq!(handle.engine().counters().steps as usize, decisions.len());
+            assert_eq!(handle.telemetry().step as usize, decisions.len());
         }
         done.send(()).unwrap();
     });
@@ -395,15 +377,13 @@ fn gradient_accumulation_shares_one_decision_per_optimizer_step() {
     let config = SamConfig::rst(0.5).with_seed(3);
     let model = Net::new(&device, &config);
     let (decisions, handle) = (model.decisions.clone(), model.sam.clone());
-    let result = training(dir.path(), 2)
-        .grads_accumulation(2)
-        .launch(Learner::new(model, base(), LR));
+    let result = training(dir.path(), 2).grads_accumulation(2).launch(Learner::new(model, base(), LR));
     assert!(result.error.is_none());
     let decisions = decisions.lock().unwrap().clone();
     assert_eq!(decisions.len(), 2 * TRAIN_ITEMS / BATCH);
     assert!(pairs_agree(&decisions), "{decisions:?}");
     assert!(decisions.contains(&true) && decisions.contains(&false), "{decisions:?}");
-    assert_eq!(handle.engine().counters().rounds as usize, decisions.len() / 2);
+    assert_eq!(handle.telemetry().rounds as usize, decisions.len() / 2);
 }
 
 #[test]
@@ -413,14 +393,13 @@ fn two_cpu_devices_take_the_same_decision_each_step() {
     let model = Net::new(&device, &vsam());
     let (decisions, handle) = (model.decisions.clone(), model.sam.clone());
     let strategy = ExecutionStrategy::multi(vec![device.clone(), device.clone()], MultiDeviceOptim::OptimMainDevice);
-    let result = training(dir.path(), 2)
-        .with_training_strategy(strategy.into())
-        .launch(Learner::new(model, base(), LR));
+    let result =
+        training(dir.path(), 2).with_training_strategy(strategy.into()).launch(Learner::new(model, base(), LR));
     assert!(result.error.is_none(), "{:?}", result.error);
     let decisions = decisions.lock().unwrap().clone();
     assert_eq!(decisions.len(), 2 * TRAIN_ITEMS / BATCH);
     assert!(pairs_agree(&decisions), "{decisions:?}");
-    assert_eq!(handle.engine().counters().rounds as usize, decisions.len() / 2);
+    assert_eq!(handle.telemetry().rounds as usize, decisions.len() / 2);
     let model = result.model;
     assert!(params(&model).iter().all(|(_, v)| v.iter().all(|x| x.is_finite())));
 }
@@ -433,10 +412,8 @@ fn two_cpu_devices_take_the_same_decision_each_step() {
 /// its devices"). See docs/learner.md.
 #[allow(dead_code)]
 fn ddp_training(dir: &Path, devices: Vec<Device>) -> (SupervisedTraining<Net>, Learner<Net>) {
-    let model = Net {
-        sam: SamHandle::per_replica(&vsam()).unwrap(),
-        ..Net::new(&devices[0].clone().autodiff(), &vsam())
-    };
+    let model =
+        Net { sam: SamHandle::per_replica(&vsam()).unwrap(), ..Net::new(&devices[0].clone().autodiff(), &vsam()) };
     let config = burn::tensor::distributed::DistributedConfig {
         all_reduce_op: burn::tensor::distributed::ReduceOperation::Mean,
     };

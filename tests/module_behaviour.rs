@@ -5,14 +5,16 @@ use burn::module::Module;
 use burn::optim::{GradientsParams, SgdConfig};
 use burn_sam_sample::policy::GatePolicy;
 use burn_sam_sample::reuse::ReusePolicy;
-use burn_sam_sample::{SamConfig, SamEngine};
+use burn_sam_sample::{Pass, SamConfig, SamEngine};
 use burn_sam_sample_tests::{device, params, random_batch, random_mlp, BnNet, Mlp};
 
 fn first_and_perturbed(model: &Mlp, engine: &mut SamEngine) -> Mlp {
     let (x, y) = random_batch(&device(), 7);
     let loss = model.loss(&x, &y);
-    let first = engine.first_pass(model, GradientsParams::from_grads(loss.backward(), model), &loss);
-    engine.perturb(model, &first).expect("the SAM gate always perturbs")
+    let Pass::Sam(pass) = engine.first_pass(model, GradientsParams::from_grads(loss.backward(), model), &loss) else {
+        panic!("the SAM gate always perturbs")
+    };
+    pass.perturbed(model)
 }
 
 #[test]
@@ -86,9 +88,7 @@ fn batch_norm_running_statistics_are_updated_once_per_step() {
 fn a_nan_gradient_leaves_the_cache_finite_and_zeroes_the_update() {
     let device = device();
     let (x, y) = random_batch(&device, 10);
-    let config = SamConfig::new()
-        .with_policy(GatePolicy::Periodic { k: 2 })
-        .with_reuse(ReusePolicy::decayed_psf());
+    let config = SamConfig::new().with_policy(GatePolicy::Periodic { k: 2 }).with_reuse(ReusePolicy::decayed_psf());
     let mut sam = config.init(SgdConfig::new().init()).unwrap();
     let mut model = random_mlp(&device, 2);
     let poison = |m: &Mlp| (m.loss(&x, &y) * f32::NAN, ());
@@ -121,7 +121,7 @@ fn a_nan_gradient_leaves_the_cache_finite_and_zeroes_the_update() {
         model = sam.step(0.1, model, fine).0;
     }
     assert!(params(&model).iter().all(|(_, v)| v.iter().all(|x| x.is_finite())));
-    assert_eq!(sam.engine_mut().sync_counters().non_finite_steps, 2);
+    assert_eq!(sam.engine_mut().sync_telemetry().non_finite_steps, 2);
 }
 
 #[test]
@@ -141,8 +141,10 @@ fn a_zero_gradient_gives_no_perturbation_and_no_nan() {
     assert_eq!(params(&model), before);
     let mut engine = SamEngine::new(&SamConfig::sam()).unwrap();
     let loss = model.loss(&x, &y).mul_scalar(0.0);
-    let first = engine.first_pass(&model, GradientsParams::from_grads(loss.backward(), &model), &loss);
-    let perturbed = engine.perturb(&model, &first).unwrap();
+    let Pass::Sam(pass) = engine.first_pass(&model, GradientsParams::from_grads(loss.backward(), &model), &loss) else {
+        panic!("the SAM gate always perturbs")
+    };
+    let perturbed = pass.perturbed(&model);
     assert_eq!(params(&perturbed), before, "ε = 0 for g = 0");
 }
 
@@ -156,8 +158,10 @@ fn gradient_checkpointing_is_kept_on_the_perturbed_clone() {
 
     let mut engine = SamEngine::new(&SamConfig::sam()).unwrap();
     let loss = model.loss(&x, &y);
-    let first = engine.first_pass(&model, GradientsParams::from_grads(loss.backward(), &model), &loss);
-    let perturbed = engine.perturb(&model, &first).unwrap();
+    let Pass::Sam(pass) = engine.first_pass(&model, GradientsParams::from_grads(loss.backward(), &model), &loss) else {
+        panic!("the SAM gate always perturbs")
+    };
+    let perturbed = pass.perturbed(&model);
     assert_eq!(perturbed.l1.weight.val().gradient_checkpointing_strategy(), strategy);
 
     // Without the restored strategy the perturbed pass would mix two strategies and panic.

@@ -48,9 +48,7 @@ fn one_asam_step_matches_numpy() {
 
 #[test]
 fn decayed_psf_reuse_matches_numpy() {
-    let config = SamConfig::new()
-        .with_policy(GatePolicy::Periodic { k: 2 })
-        .with_reuse(ReusePolicy::decayed_psf());
+    let config = SamConfig::new().with_policy(GatePolicy::Periodic { k: 2 }).with_reuse(ReusePolicy::decayed_psf());
     let models = run(config, 3);
     assert_weights(&models[0], flatten(VSAM1_W1), &VSAM1_B1, flatten(VSAM1_W2), &VSAM1_B2, "vSAM step 1");
     assert_weights(&models[1], flatten(VSAM2_W1), &VSAM2_B1, flatten(VSAM2_W2), &VSAM2_B2, "vSAM step 2");

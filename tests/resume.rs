@@ -3,20 +3,15 @@
 use burn::optim::{momentum::MomentumConfig, ModuleOptimizer, SgdConfig};
 use burn::tensor::Bytes;
 use burn_sam_sample::policy::{AeSamConfig, GatePolicy, TrendConfig, VariationConfig};
-use burn_sam_sample::{SamConfig, SamError, SamOptimizer};
+use burn_sam_sample::{SamConfig, SamError, SamOptimizer, SamOptimizerRecord};
 use burn_sam_sample_tests::{device, params, random_mlp, train_steps, Mlp};
 
 fn base() -> ModuleOptimizer {
-    SgdConfig::new()
-        .with_momentum(Some(MomentumConfig::new().with_momentum(0.9)))
-        .init()
+    SgdConfig::new().with_momentum(Some(MomentumConfig::new().with_momentum(0.9))).init()
 }
 
 fn configs() -> Vec<(&'static str, SamConfig)> {
-    let variation = VariationConfig::new()
-        .with_window(10)
-        .with_blocks(2)
-        .with_warmup_steps(4);
+    let variation = VariationConfig::new().with_window(10).with_blocks(2).with_warmup_steps(4);
     vec![
         ("vsam", SamConfig::new().with_policy(GatePolicy::Variation(variation)).with_seed(3)),
         (
@@ -55,16 +50,16 @@ fn check_resume(name: &str, config: SamConfig, via: Via) {
     let mut fresh = config.init(base()).unwrap();
     match via {
         Via::Bytes => {
-            let bytes: Bytes = sam.into_bytes().unwrap();
+            let bytes: Bytes = sam.to_record().into_bytes().unwrap();
             drop(sam);
-            fresh.load_bytes(bytes, &half).unwrap();
+            fresh.load_record(SamOptimizerRecord::from_bytes(bytes).unwrap(), &half).unwrap();
         }
         Via::File => {
             let dir = tempfile::tempdir().unwrap();
             let path = dir.path().join("sam-state.bpk");
-            sam.save(&path).unwrap();
+            sam.to_record().save(&path).unwrap();
             drop(sam);
-            fresh.load(&path, &half).unwrap();
+            fresh.load_record(SamOptimizerRecord::load(&path).unwrap(), &half).unwrap();
         }
     }
     let resumed = train(&mut fresh, half, 13..30, &mut decisions);
@@ -102,11 +97,15 @@ fn trained(config: &SamConfig) -> (SamOptimizer, Mlp) {
 fn loading_into_another_module_names_the_first_mismatch() {
     let config = SamConfig::look_sam(2, 0.5);
     let (sam, model) = trained(&config);
-    let record = || sam.into_bytes().unwrap();
+    let record = || sam.to_record().into_bytes().unwrap();
 
     // Fresh parameters: the ids of the record are missing.
     let other = random_mlp(&device(), 21);
-    let err = config.init(base()).unwrap().load_bytes(record(), &other).unwrap_err();
+    let err = config
+        .init(base())
+        .unwrap()
+        .load_record(SamOptimizerRecord::from_bytes(record()).unwrap(), &other)
+        .unwrap_err();
     let id = model.l1.weight.id.val();
     assert!(matches!(err, SamError::RecordMismatch(_)), "{err}");
     assert!(err.to_string().contains(&format!("parameter {id}")), "{err}");
@@ -114,34 +113,40 @@ fn loading_into_another_module_names_the_first_mismatch() {
 
     // Same ids, other shapes.
     let mut wrong = model.clone();
-    wrong.l1.weight = wrong
-        .l1
-        .weight
-        .map(|w| burn::tensor::Tensor::from_inner(w.inner().slice([0..5, 0..16])).require_grad());
-    let err = config.init(base()).unwrap().load_bytes(record(), &wrong).unwrap_err();
+    wrong.l1.weight =
+        wrong.l1.weight.map(|w| burn::tensor::Tensor::from_inner(w.inner().slice([0..5, 0..16])).require_grad());
+    let err = config
+        .init(base())
+        .unwrap()
+        .load_record(SamOptimizerRecord::from_bytes(record()).unwrap(), &wrong)
+        .unwrap_err();
     assert!(err.to_string().contains("[6, 16]") && err.to_string().contains("[5, 16]"), "{err}");
 
     // Another policy.
-    let err = SamConfig::sam().init(base()).unwrap().load_bytes(record(), &model).unwrap_err();
+    let err = SamConfig::sam()
+        .init(base())
+        .unwrap()
+        .load_record(SamOptimizerRecord::from_bytes(record()).unwrap(), &model)
+        .unwrap_err();
     assert!(err.to_string().contains("reuse rule"), "{err}");
     let err = SamConfig::look_sam(2, 0.5)
         .with_policy(GatePolicy::Always)
         .init(base())
         .unwrap()
-        .load_bytes(record(), &model)
+        .load_record(SamOptimizerRecord::from_bytes(record()).unwrap(), &model)
         .unwrap_err();
     assert!(err.to_string().contains("gate policy"), "{err}");
 
     // A failed load leaves the optimizer usable and unchanged.
     let mut target = config.init(base()).unwrap();
-    assert!(target.load_bytes(record(), &other).is_err());
+    assert!(target.load_record(SamOptimizerRecord::from_bytes(record()).unwrap(), &other).is_err());
     assert_eq!(target.telemetry().step, 0);
 }
 
 #[test]
 fn corrupt_bytes_are_an_error() {
     let (sam, _) = trained(&SamConfig::vsam(2));
-    let bytes = sam.into_bytes().unwrap().to_vec();
+    let bytes = sam.to_record().into_bytes().unwrap().to_vec();
     for cut in [0, 7, 64, bytes.len() / 2, bytes.len() - 1] {
         let result = burn_sam_sample::SamOptimizerRecord::from_bytes(Bytes::from_bytes_vec(bytes[..cut].to_vec()));
         assert!(result.is_err(), "truncated at {cut}");

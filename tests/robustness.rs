@@ -14,9 +14,7 @@ use rand::{Rng, SeedableRng};
 const LR: f64 = 0.05;
 
 fn base() -> ModuleOptimizer {
-    SgdConfig::new()
-        .with_momentum(Some(MomentumConfig::new().with_momentum(0.9)))
-        .init()
+    SgdConfig::new().with_momentum(Some(MomentumConfig::new().with_momentum(0.9))).init()
 }
 
 fn small_vsam(seed: u64) -> SamConfig {
@@ -46,7 +44,7 @@ fn corpus() -> Vec<(SamConfig, Vec<u8>, Mlp)> {
         .map(|(_, config)| {
             let mut sam = config.init(base()).unwrap();
             let model = train(&mut sam, random_mlp(&device(), 4), 0..9, &mut Vec::new());
-            (config, sam.into_bytes().unwrap().to_vec(), model)
+            (config, sam.to_record().into_bytes().unwrap().to_vec(), model)
         })
         .collect()
 }
@@ -199,7 +197,7 @@ fn nan_storms_leave_cache_and_gate_finite_and_are_counted() {
             assert!(out.telemetry.psf_ratio.is_none_or(f64::is_finite), "{name}");
         }
         assert!(injected > 0);
-        let counters = sam.engine_mut().sync_counters();
+        let counters = sam.engine_mut().sync_telemetry();
         assert_eq!(counters.non_finite_steps, injected, "{name}: affected steps counted");
         assert!(params(&model).iter().all(|(_, v)| v.iter().all(|x| x.is_finite())), "{name}: weights");
         let record = sam.engine().to_record();
@@ -208,7 +206,9 @@ fn nan_storms_leave_cache_and_gate_finite_and_are_counted() {
         }
         // A round trip through the record validates the gate state (finite, in range).
         let mut fresh = config.init(base()).unwrap();
-        fresh.load_bytes(sam.into_bytes().unwrap(), &model).unwrap();
+        fresh
+            .load_record(SamOptimizerRecord::from_bytes(sam.to_record().into_bytes().unwrap()).unwrap(), &model)
+            .unwrap();
     }
 }
 
@@ -226,7 +226,7 @@ proptest! {
         let mut sam = config.init(base()).unwrap();
         let half = train(&mut sam, model, 0..t, &mut decisions);
         let mut resumed = config.init(base()).unwrap();
-        resumed.load_bytes(sam.into_bytes().unwrap(), &half).unwrap();
+        resumed.load_record(SamOptimizerRecord::from_bytes(sam.to_record().into_bytes().unwrap()).unwrap(), &half).unwrap();
         let done = train(&mut resumed, half, t..60, &mut decisions);
         prop_assert_eq!(decisions, straight);
         prop_assert_eq!(params(&done), params(&expected));
@@ -314,4 +314,3 @@ proptest! {
         }
     }
 }
-

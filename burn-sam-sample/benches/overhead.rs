@@ -72,11 +72,8 @@ fn sam_step(model: Mlp, optim: &mut SamOptimizer, x: &Tensor<2>, y: &Tensor<2>) 
 
 fn overhead(c: &mut Criterion) {
     let device = device();
-    let sizes: [(&str, Vec<usize>); 3] = [
-        ("0.1M", vec![256, 256, 256, 10]),
-        ("1M", vec![784, 1024, 256, 10]),
-        ("10M", vec![2048, 2048, 2048, 512, 10]),
-    ];
+    let sizes: [(&str, Vec<usize>); 3] =
+        [("0.1M", vec![256, 256, 256, 10]), ("1M", vec![784, 1024, 256, 10]), ("10M", vec![2048, 2048, 2048, 512, 10])];
     let mut group = c.benchmark_group("step");
     group.sample_size(10);
     group.warm_up_time(std::time::Duration::from_secs(1));

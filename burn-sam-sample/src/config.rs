@@ -83,23 +83,17 @@ impl SamConfig {
     /// LookSAM: SAM every `k` steps, the orthogonal part of g_s reused with weight `alpha` in
     /// between.
     pub fn look_sam(k: usize, alpha: f64) -> Self {
-        Self::new()
-            .with_policy(GatePolicy::Periodic { k })
-            .with_reuse(ReusePolicy::LookSam { alpha })
+        Self::new().with_policy(GatePolicy::Periodic { k }).with_reuse(ReusePolicy::LookSam { alpha })
     }
 
     /// AE-SAM over a run of `total_steps` steps.
     pub fn ae_sam(total_steps: usize) -> Self {
-        Self::new()
-            .with_policy(GatePolicy::AeSam(AeSamConfig::new(total_steps)))
-            .with_reuse(ReusePolicy::None)
+        Self::new().with_policy(GatePolicy::AeSam(AeSamConfig::new(total_steps))).with_reuse(ReusePolicy::None)
     }
 
     /// RST / SS-SAM: each step is a SAM step with probability `p`.
     pub fn rst(p: f64) -> Self {
-        Self::new()
-            .with_policy(GatePolicy::Bernoulli { p })
-            .with_reuse(ReusePolicy::None)
+        Self::new().with_policy(GatePolicy::Bernoulli { p }).with_reuse(ReusePolicy::None)
     }
 
     /// The base optimizer alone, through the same machinery (a control run).
@@ -144,9 +138,7 @@ mod tests {
         assert!(!config.adaptive);
         assert_eq!(config.stats_last_n, 10);
         assert_eq!(config.reuse, ReusePolicy::DecayedPsf { beta: 0.7, max_reuse: 6 });
-        let GatePolicy::Variation(variation) = &config.policy else {
-            panic!("default policy is {:?}", config.policy)
-        };
+        let GatePolicy::Variation(variation) = &config.policy else { panic!("default policy is {:?}", config.policy) };
         assert_eq!((variation.window, variation.blocks), (50, 5));
         assert_eq!(variation.max_fraction, 0.8);
         assert_eq!((variation.alpha_ratio, variation.alpha_variance), (0.13, 0.13));
@@ -167,7 +159,10 @@ mod tests {
             (SamConfig::rst(1.5), "policy.bernoulli.p"),
             (SamConfig::look_sam(0, 0.7), "policy.periodic.k"),
             (SamConfig::look_sam(5, -1.0), "reuse.look_sam.alpha"),
-            (SamConfig::new().with_reuse(ReusePolicy::DecayedPsf { beta: 1.0, max_reuse: 6 }), "reuse.decayed_psf.beta"),
+            (
+                SamConfig::new().with_reuse(ReusePolicy::DecayedPsf { beta: 1.0, max_reuse: 6 }),
+                "reuse.decayed_psf.beta",
+            ),
         ];
         for (config, field) in cases {
             match config.validate() {

@@ -18,11 +18,6 @@ pub enum SamError {
         reason: &'static str,
     },
 
-    /// The driver was called out of order (e.g. a SAM step finished without second-pass
-    /// gradients).
-    #[error("protocol error: {0}")]
-    Protocol(String),
-
     /// A state record does not fit the module or the optimizer it is loaded into.
     #[error("record mismatch: {0}")]
     RecordMismatch(String),
@@ -38,11 +33,7 @@ pub enum SamError {
 
 impl SamError {
     pub(crate) fn invalid(field: &'static str, value: impl std::fmt::Display, reason: &'static str) -> Self {
-        Self::InvalidConfig {
-            field,
-            value: value.to_string(),
-            reason,
-        }
+        Self::InvalidConfig { field, value: value.to_string(), reason }
     }
 }
 

@@ -11,25 +11,27 @@
 //! Layers, from the bottom:
 //! - [`policy`]: the gates, plain Rust over scalars (no tensors), serializable, seeded;
 //! - [`reuse`]: what cheap steps add to their gradient;
-//! - [`SamEngine`]: the tensor work (norms on the device, the perturbed clone, the PSF cache,
-//!   the mixing) behind a three-call protocol;
-//! - [`SamOptimizer`]: the engine plus a base optimizer, with a closure `step` for custom loops.
+//! - [`SamEngine`]: the state of a run (gate, PSF cache, counts: one value, which is also its
+//!   record) and the step written once ([`Pass`]): plan, passes, commit;
+//! - [`SamOptimizer`]: the engine plus a base optimizer, with a closure `step` for custom loops;
+//! - [`learner`] (feature `train`): the same step inside Burn's `Learner`.
 //!
 //! Start with [`SamConfig`].
 
 pub mod backend;
 mod config;
+mod container;
 mod engine;
 mod error;
-mod optimizer;
 #[cfg(feature = "train")]
 pub mod learner;
+mod optimizer;
 pub mod policy;
 pub mod reuse;
 mod telemetry;
 
 pub use config::SamConfig;
-pub use engine::{Counters, EngineRecord, FirstPass, SamEngine};
+pub use engine::{CheapPass, EngineRecord, Pass, SamEngine, SamPass};
 pub use error::{Result, SamError};
 pub use optimizer::{SamOptimizer, SamOptimizerRecord, StepOutput};
 pub use telemetry::StepTelemetry;

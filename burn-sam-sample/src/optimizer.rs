@@ -4,10 +4,11 @@ use burn::lr_scheduler::module_lr_scheduler::ModuleLearningRate;
 use burn::module::Module;
 use burn::optim::{GradientsParams, ModuleOptimizer};
 use burn::tensor::{Bytes, DType, Tensor, TensorData};
-use burn_pack::{Reader, Writer};
+use burn_pack::Reader;
 
 use crate::config::SamConfig;
-use crate::engine::{EngineRecord, FirstPass, SamEngine};
+use crate::container::{self, Sealed, Tensors};
+use crate::engine::{EngineRecord, SamEngine};
 use crate::error::{Result, SamError};
 use crate::telemetry::StepTelemetry;
 
@@ -57,10 +58,7 @@ pub struct SamOptimizer {
 impl SamOptimizer {
     /// Builds the optimizer; every field of `config` is checked first.
     pub fn new(config: &SamConfig, base: ModuleOptimizer) -> Result<Self> {
-        Ok(Self {
-            engine: SamEngine::new(config)?,
-            base,
-        })
+        Ok(Self { engine: SamEngine::new(config)?, base })
     }
 
     /// One training step.
@@ -75,47 +73,10 @@ impl SamOptimizer {
     {
         let (loss, output) = closure(&module);
         let grads = GradientsParams::from_grads(loss.backward(), &module);
-        let first = self.engine.first_pass(&module, grads, &loss);
-        let second = self.engine.perturb(&module, &first).map(|perturbed| {
-            let (loss, _) = closure(&perturbed);
-            GradientsParams::from_grads(loss.backward(), &perturbed)
-        });
-        let direction = self
-            .engine
-            .finish(&module, first, second)
-            .expect("the second pass runs exactly when the gate asks for it");
+        let (direction, telemetry) =
+            self.engine.first_pass(&module, grads, &loss).run(&module, |perturbed| closure(perturbed).0);
         let module = self.base.step(lr, module, direction);
-        (
-            module,
-            StepOutput {
-                loss,
-                output,
-                telemetry: self.engine.telemetry(),
-            },
-        )
-    }
-
-    /// Step 1 of the lower-level protocol: see [`SamEngine::first_pass`].
-    pub fn first_pass<M: Module>(&mut self, module: &M, grads: GradientsParams, loss: &Tensor<1>) -> FirstPass {
-        self.engine.first_pass(module, grads, loss)
-    }
-
-    /// Step 2 of the lower-level protocol: see [`SamEngine::perturb`].
-    pub fn perturb<M: Module>(&self, module: &M, first: &FirstPass) -> Option<M> {
-        self.engine.perturb(module, first)
-    }
-
-    /// Step 3 of the lower-level protocol: forms the direction ([`SamEngine::finish`]) and
-    /// applies it with the base optimizer.
-    pub fn update<M: Module>(
-        &mut self,
-        lr: impl Into<ModuleLearningRate>,
-        module: M,
-        first: FirstPass,
-        second: Option<GradientsParams>,
-    ) -> Result<M> {
-        let direction = self.engine.finish(&module, first, second)?;
-        Ok(self.base.step(lr, module, direction))
+        (module, StepOutput { loss, output, telemetry })
     }
 
     /// What the last step did and the totals so far.
@@ -123,12 +84,12 @@ impl SamOptimizer {
         self.engine.telemetry()
     }
 
-    /// The engine (gate, cache, counters).
+    /// The engine (gate, cache, counts).
     pub fn engine(&self) -> &SamEngine {
         &self.engine
     }
 
-    /// The engine, mutably (e.g. to [`sync_counters`](SamEngine::sync_counters)).
+    /// The engine, mutably (e.g. to [`sync_telemetry`](SamEngine::sync_telemetry)).
     pub fn engine_mut(&mut self) -> &mut SamEngine {
         &mut self.engine
     }
@@ -139,11 +100,9 @@ impl SamOptimizer {
     }
 
     /// A snapshot of the whole optimizer state: the base optimizer's record and the engine's.
+    /// Save it with [`SamOptimizerRecord::save`] or [`into_bytes`](SamOptimizerRecord::into_bytes).
     pub fn to_record(&self) -> SamOptimizerRecord {
-        SamOptimizerRecord {
-            base: self.base.to_record(),
-            engine: self.engine.to_record(),
-        }
+        SamOptimizerRecord { base: self.base.to_record(), engine: self.engine.to_record() }
     }
 
     /// Restores a snapshot for training `module`; on error (the message names the first
@@ -154,26 +113,6 @@ impl SamOptimizer {
         self.engine = engine;
         self.base = self.base.clone().load_record(record.base);
         Ok(())
-    }
-
-    /// Serializes the whole state to burnpack bytes.
-    pub fn into_bytes(&self) -> Result<Bytes> {
-        self.to_record().into_bytes()
-    }
-
-    /// Restores the whole state from burnpack bytes (see [`load_record`](Self::load_record)).
-    pub fn load_bytes<M: Module>(&mut self, bytes: Bytes, module: &M) -> Result<()> {
-        self.load_record(SamOptimizerRecord::from_bytes(bytes)?, module)
-    }
-
-    /// Saves the whole state to a burnpack file.
-    pub fn save(&self, path: impl AsRef<std::path::Path>) -> Result<()> {
-        self.to_record().save(path)
-    }
-
-    /// Restores the whole state from a file written by [`save`](Self::save).
-    pub fn load<M: Module>(&mut self, path: impl AsRef<std::path::Path>, module: &M) -> Result<()> {
-        self.load_record(SamOptimizerRecord::load(path)?, module)
     }
 }
 
@@ -187,51 +126,44 @@ pub struct SamOptimizerRecord {
 }
 
 impl SamOptimizerRecord {
-    fn into_writer(self) -> Result<Writer> {
-        let base = self.base.into_bytes()?;
-        let (mut tensors, state) = self.engine.into_pack()?;
-        let base = TensorData::from_bytes_vec(base.to_vec(), [base.len()], DType::U8);
-        tensors.push(crate::engine::pack_tensor(BASE_KEY.to_string(), None, base));
-        crate::engine::sealed_writer(tensors, &state)
-    }
-
-    fn from_reader(reader: Reader) -> Result<Self> {
-        let (mut tensors, metadata) = crate::engine::read_all(reader)?;
-        let base = tensors
-            .remove(BASE_KEY)
-            .ok_or_else(|| SamError::CorruptRecord(format!("tensor `{BASE_KEY}` is missing")))?;
-        if base.dtype != DType::U8 {
-            return Err(SamError::CorruptRecord(format!("tensor `{BASE_KEY}` must be u8, found {:?}", base.dtype)));
-        }
-        let bytes = base.into_bytes().map_err(|e| SamError::CorruptRecord(e.to_string()))?;
-        check_base_record(&bytes)?;
-        let base = burn::optim::OptimizerRecord::from_bytes(bytes)?;
-        let engine = EngineRecord::from_pack(&mut tensors, &metadata)?;
-        Ok(Self { base, engine })
-    }
-
     /// Serializes the record to burnpack bytes.
     pub fn into_bytes(self) -> Result<Bytes> {
-        Ok(self.into_writer()?.into_bytes().map_err(burn::store::RecordError::from)?)
+        container::to_bytes(self)
     }
 
     /// Decodes a record from burnpack bytes; hostile bytes give an error, never a panic.
     pub fn from_bytes(bytes: Bytes) -> Result<Self> {
-        Self::from_reader(Reader::from_bytes(bytes).map_err(|e| SamError::CorruptRecord(e.to_string()))?)
+        container::from_bytes(bytes)
     }
 
     /// Writes the record to a burnpack file (the path is used as given).
     pub fn save(self, path: impl AsRef<std::path::Path>) -> Result<()> {
-        self.into_writer()?
-            .auto_extension(false)
-            .write_to_file(path)
-            .map_err(burn::store::RecordError::from)?;
-        Ok(())
+        container::save(self, path.as_ref())
     }
 
-    /// Reads a record from a burnpack file.
+    /// Reads a record from a burnpack file written by [`save`](Self::save).
     pub fn load(path: impl AsRef<std::path::Path>) -> Result<Self> {
-        Self::from_reader(Reader::from_bytes(crate::engine::read_file(path.as_ref())?).map_err(|e| SamError::CorruptRecord(e.to_string()))?)
+        container::load(path.as_ref())
+    }
+}
+
+impl Sealed for SamOptimizerRecord {
+    fn into_parts(self) -> Result<(Vec<burn_pack::Tensor>, String)> {
+        let base = self.base.into_bytes()?;
+        let (mut tensors, state) = self.engine.into_parts()?;
+        let base = TensorData::from_bytes_vec(base.to_vec(), [base.len()], DType::U8);
+        tensors.push(container::pack(BASE_KEY.to_string(), None, base));
+        Ok((tensors, state))
+    }
+
+    fn from_parts(tensors: &mut Tensors, state: &str) -> Result<Self> {
+        let base = container::take(tensors, BASE_KEY, DType::U8)?
+            .ok_or_else(|| SamError::CorruptRecord(format!("tensor `{BASE_KEY}` is missing")))?;
+        let bytes = base.into_bytes();
+        check_base_record(&bytes)?;
+        let base = burn::optim::OptimizerRecord::from_bytes(bytes)?;
+        let engine = EngineRecord::from_parts(tensors, state)?;
+        Ok(Self { base, engine })
     }
 }
 
@@ -240,9 +172,7 @@ impl SamOptimizerRecord {
 fn check_base_record(bytes: &Bytes) -> Result<()> {
     let reader = Reader::from_bytes(bytes.clone())
         .map_err(|e| SamError::CorruptRecord(format!("base optimizer record: {e}")))?;
-    let tensors = reader
-        .into_tensors()
-        .map_err(|e| SamError::CorruptRecord(format!("base optimizer record: {e}")))?;
+    let tensors = reader.into_tensors().map_err(|e| SamError::CorruptRecord(format!("base optimizer record: {e}")))?;
     if let Some(tensor) = tensors.iter().find(|t| t.param_id.is_none()) {
         return Err(SamError::CorruptRecord(format!(
             "base optimizer record: tensor `{}` carries no parameter id",

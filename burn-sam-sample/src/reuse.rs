@@ -61,11 +61,6 @@ impl ReusePolicy {
         }
     }
 
-    /// Whether SAM steps must store a tensor for later cheap steps.
-    pub fn caches(&self) -> bool {
-        !matches!(self, Self::None)
-    }
-
     /// A short name for logs and telemetry.
     pub fn name(&self) -> &'static str {
         match self {

@@ -17,21 +17,24 @@ pub struct StepTelemetry {
     pub passes: u64,
     /// SAM steps so far.
     pub sam_steps: u64,
+    /// Gate decisions so far (optimizer steps); equals `step` in a custom loop, and is smaller
+    /// in the Learner when one optimizer step holds several devices or accumulated micro-batches.
+    pub rounds: u64,
     /// SAM steps / steps so far.
     pub sam_fraction: f64,
     /// The vSAM quota s (SAM steps per window), for the variation gate.
     pub quota: Option<f64>,
     /// The fraction of SAM steps the gate aims at now: s/K (floored quota) for the variation
-    /// gate, the current rate for the paced gate.
+    /// gate, the current rate for the trend gate.
     pub target_fraction: Option<f64>,
-    /// Whether the vSAM or paced gate is still in its all-SAM warm-up.
+    /// Whether the vSAM or trend gate is still in its all-SAM warm-up.
     pub warmup: bool,
     /// ‖PSF‖ over the last N tensors at the last successful SAM step.
     pub psf_norm: Option<f64>,
     /// ‖PSF‖/‖g‖ over the last N tensors at the last successful SAM step.
     pub psf_ratio: Option<f64>,
     /// Steps with a non-finite loss or gradient known so far (cheap steps are counted on the
-    /// device and become known at the next SAM step or [`sync`](crate::SamEngine::sync_counters)).
+    /// device and become known at the next SAM step or [`sync_telemetry`](crate::SamEngine::sync_telemetry)).
     pub non_finite_steps: u64,
 }
 

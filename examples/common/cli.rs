@@ -128,7 +128,9 @@ pub mod parse {
             }
             assert_eq!(non_negative_f64("0"), Ok(0.0));
             assert!(non_negative_f64("-0.1").is_err() && non_negative_f64("NaN").is_err());
-            assert!(fraction("1").is_ok() && fraction("0").is_err() && fraction("1.5").is_err() && fraction("nan").is_err());
+            assert!(
+                fraction("1").is_ok() && fraction("0").is_err() && fraction("1.5").is_err() && fraction("nan").is_err()
+            );
             assert!(noise("0").is_ok() && noise("0.4").is_ok() && noise("1").is_err() && noise("nan").is_err());
         }
     }

@@ -121,7 +121,11 @@ impl Downloader {
             match self.attempt(agent, url, part) {
                 Ok(()) => return Ok(()),
                 Err(failure) if failure.transient && attempt < self.attempts => {
-                    log::warn!("fetching {url} (attempt {attempt} of {}): {}; retrying in {wait:?}", self.attempts, failure.message);
+                    log::warn!(
+                        "fetching {url} (attempt {attempt} of {}): {}; retrying in {wait:?}",
+                        self.attempts,
+                        failure.message
+                    );
                     std::thread::sleep(wait);
                     wait = wait.saturating_mul(2);
                 }
@@ -172,8 +176,7 @@ impl Downloader {
                 bar.set_position(received);
             }
         }
-        file.sync_all()
-            .map_err(|e| Failure::permanent(format!("cannot write {}: {e}", part.display())))?;
+        file.sync_all().map_err(|e| Failure::permanent(format!("cannot write {}: {e}", part.display())))?;
         if let Some(bar) = bar {
             bar.finish_and_clear();
         }

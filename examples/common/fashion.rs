@@ -22,12 +22,8 @@ const MEAN: f32 = 0.2860;
 const STD: f32 = 0.3530;
 const PIXELS: usize = 28 * 28;
 /// The four files, in the order of [`FASHION_MNIST_SHA256`].
-pub const FILES: [&str; 4] = [
-    "train-images-idx3-ubyte",
-    "train-labels-idx1-ubyte",
-    "t10k-images-idx3-ubyte",
-    "t10k-labels-idx1-ubyte",
-];
+pub const FILES: [&str; 4] =
+    ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"];
 
 /// One image (28×28 grey, row-major) and its class 0..=9.
 #[derive(Clone, Debug)]
@@ -39,9 +35,8 @@ pub struct FashionItem {
 }
 
 /// The class names, by index.
-pub const CLASSES: [&str; 10] = [
-    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
-];
+pub const CLASSES: [&str; 10] =
+    ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"];
 
 /// The training and test splits.
 pub struct FashionMnist {
@@ -117,11 +112,8 @@ fn unusable(dir: &Path) -> Option<String> {
     if !dir.is_dir() {
         return Some("is not a folder".into());
     }
-    let missing: Vec<String> = FILES
-        .iter()
-        .filter(|name| file_in(dir, name).is_none())
-        .map(|name| format!("{name}[.gz]"))
-        .collect();
+    let missing: Vec<String> =
+        FILES.iter().filter(|name| file_in(dir, name).is_none()).map(|name| format!("{name}[.gz]")).collect();
     (!missing.is_empty()).then(|| format!("lacks {}", missing.join(", ")))
 }
 
@@ -154,7 +146,10 @@ impl FashionMnist {
             return Err(DataError(not_found_message(&candidates, "there is no cache folder on this system")));
         };
         if fetch == Fetch::Offline {
-            return Err(DataError(not_found_message(&candidates, "fetching is off (--offline or FASHION_MNIST_OFFLINE)")));
+            return Err(DataError(not_found_message(
+                &candidates,
+                "fetching is off (--offline or FASHION_MNIST_OFFLINE)",
+            )));
         }
         Downloader::default().fetch(&cache)?;
         let mut data = Self::read_dir(cache, checksums)?;
@@ -206,19 +201,11 @@ impl FashionMnist {
                 .payload
                 .chunks_exact(PIXELS)
                 .zip(labels.payload)
-                .map(|(image, label)| FashionItem {
-                    image: image.to_vec(),
-                    label,
-                })
+                .map(|(image, label)| FashionItem { image: image.to_vec(), label })
                 .collect();
             Ok(InMemDataset::new(items))
         };
-        Ok(Self {
-            train: split(0, 1)?,
-            test: split(2, 3)?,
-            source: dir,
-            fetched: false,
-        })
+        Ok(Self { train: split(0, 1)?, test: split(2, 3)?, source: dir, fetched: false })
     }
 }
 
@@ -255,16 +242,11 @@ pub fn read_idx(path: &Path, expected: Option<&[Option<u32>]>) -> Result<Idx, Da
     let file = std::fs::File::open(path).map_err(|e| error(e.to_string()))?;
     let mut buffered = std::io::BufReader::new(file);
     let gzipped = buffered.fill_buf().map_err(|e| error(e.to_string()))?.starts_with(&[0x1f, 0x8b]);
-    let mut reader: Box<dyn Read> = if gzipped {
-        Box::new(flate2::bufread::GzDecoder::new(buffered))
-    } else {
-        Box::new(buffered)
-    };
+    let mut reader: Box<dyn Read> =
+        if gzipped { Box::new(flate2::bufread::GzDecoder::new(buffered)) } else { Box::new(buffered) };
     let mut hasher = sha2::Sha256::new();
     let mut magic = [0u8; 4];
-    reader
-        .read_exact(&mut magic)
-        .map_err(|e| error(format!("cannot read the idx header: {e}")))?;
+    reader.read_exact(&mut magic).map_err(|e| error(format!("cannot read the idx header: {e}")))?;
     hasher.update(magic);
     let rank = expected.map_or(magic[3] as usize, <[_]>::len);
     if magic[..3] != [0, 0, 8] || magic[3] as usize != rank || !(1..=3).contains(&rank) {
@@ -275,9 +257,7 @@ pub fn read_idx(path: &Path, expected: Option<&[Option<u32>]>) -> Result<Idx, Da
     let mut dims = Vec::with_capacity(rank);
     for i in 0..rank {
         let mut word = [0u8; 4];
-        reader
-            .read_exact(&mut word)
-            .map_err(|e| error(format!("cannot read dimension {i} of the idx header: {e}")))?;
+        reader.read_exact(&mut word).map_err(|e| error(format!("cannot read dimension {i} of the idx header: {e}")))?;
         hasher.update(word);
         let dim = u32::from_be_bytes(word);
         if let Some(want) = expected.and_then(|e| e[i]).filter(|&want| want != dim) {
@@ -291,11 +271,7 @@ pub fn read_idx(path: &Path, expected: Option<&[Option<u32>]>) -> Result<Idx, Da
         .filter(|&len| len <= MAX_PAYLOAD)
         .ok_or_else(|| error(format!("the header's dimensions {dims:?} describe more than {MAX_PAYLOAD} bytes")))?;
     let mut payload = Vec::new();
-    reader
-        .by_ref()
-        .take(len + 1)
-        .read_to_end(&mut payload)
-        .map_err(|e| error(format!("cannot read the data: {e}")))?;
+    reader.by_ref().take(len + 1).read_to_end(&mut payload).map_err(|e| error(format!("cannot read the data: {e}")))?;
     match (payload.len() as u64).cmp(&len) {
         std::cmp::Ordering::Less => Err(error(format!("holds {} bytes of data, its header says {len}", payload.len()))),
         std::cmp::Ordering::Greater => Err(error(format!("holds more data than the {len} bytes its header says"))),
@@ -345,11 +321,7 @@ impl FashionBatcher {
 
     /// A batcher with random shifts and flips drawn from `seed`.
     pub fn augmented(seed: u64) -> Self {
-        Self {
-            augment: true,
-            seed,
-            batches: Default::default(),
-        }
+        Self { augment: true, seed, batches: Default::default() }
     }
 }
 

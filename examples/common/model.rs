@@ -39,11 +39,7 @@ impl CnnConfig {
     /// Builds the network on `device`.
     pub fn init(&self, device: &Device) -> Cnn {
         let c = self.channels;
-        let conv = |from, to| {
-            Conv2dConfig::new([from, to], [3, 3])
-                .with_padding(PaddingConfig2d::Same)
-                .init(device)
-        };
+        let conv = |from, to| Conv2dConfig::new([from, to], [3, 3]).with_padding(PaddingConfig2d::Same).init(device);
         Cnn {
             conv1: conv(1, c),
             bn1: BatchNormConfig::new(c).init(device),

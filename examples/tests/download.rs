@@ -66,7 +66,11 @@ fn answer(mut stream: TcpStream, answers: &HashMap<String, Answer>) {
     }
     let path = request_line.split_whitespace().nth(1).unwrap_or("");
     let file = path.rsplit('/').next().unwrap_or("").to_string();
-    let head = |len: usize| format!("HTTP/1.1 200 OK\r\nContent-Length: {len}\r\nContent-Type: application/gzip\r\nConnection: close\r\n\r\n");
+    let head = |len: usize| {
+        format!(
+            "HTTP/1.1 200 OK\r\nContent-Length: {len}\r\nContent-Type: application/gzip\r\nConnection: close\r\n\r\n"
+        )
+    };
     match answers.get(&file).cloned().unwrap_or(Answer::NotFound) {
         Answer::Serve(bytes) => {
             let _ = stream.write_all(head(bytes.len()).as_bytes());
@@ -185,9 +189,8 @@ fn fetched_data_is_verified_cached_and_trains() {
     let items: Vec<_> = (0..data.train.len()).filter_map(|i| data.train.get(i).ok()).collect();
     for chunk in items.chunks(32) {
         let batch = FashionBatcher::plain().batch(chunk.to_vec(), &train_device);
-        let (next, out) = optim.step(0.05, model, |m: &Cnn| {
-            (loss.forward(m.forward(batch.images.clone()), batch.targets.clone()), ())
-        });
+        let (next, out) = optim
+            .step(0.05, model, |m: &Cnn| (loss.forward(m.forward(batch.images.clone()), batch.targets.clone()), ()));
         model = next;
         assert!(out.loss.into_scalar::<f32>().is_finite());
     }

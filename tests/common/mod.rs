@@ -27,9 +27,7 @@ pub fn backend_name() -> String {
 
 /// The device every test runs on (see [`backend_name`]), with autodiff.
 pub fn device() -> Device {
-    burn_sam_sample::backend::select(Some(&backend_name()))
-        .expect("the test backend is compiled in")
-        .autodiff()
+    burn_sam_sample::backend::select(Some(&backend_name())).expect("the test backend is compiled in").autodiff()
 }
 
 /// Linear 3→4, tanh, Linear 4→2: the reference model of `reference/sam_reference.py`.
@@ -105,18 +103,12 @@ fn random_linear(seed: u64, d_in: usize, d_out: usize, device: &Device) -> Linea
 
 /// A seeded random MLP 6 → 16 → 3.
 pub fn random_mlp(device: &Device, seed: u64) -> Mlp {
-    Mlp {
-        l1: random_linear(seed * 10, 6, 16, device),
-        l2: random_linear(seed * 10 + 5, 16, 3, device),
-    }
+    Mlp { l1: random_linear(seed * 10, 6, 16, device), l2: random_linear(seed * 10 + 5, 16, 3, device) }
 }
 
 /// A seeded random regression batch for [`random_mlp`].
 pub fn random_batch(device: &Device, seed: u64) -> (Tensor<2>, Tensor<2>) {
-    (
-        random_matrix(seed * 7 + 1, 8, 6, 1.0, device),
-        random_matrix(seed * 7 + 2, 8, 3, 1.0, device),
-    )
+    (random_matrix(seed * 7 + 1, 8, 6, 1.0, device), random_matrix(seed * 7 + 2, 8, 3, 1.0, device))
 }
 
 /// Linear → BatchNorm → Linear, to check running statistics.

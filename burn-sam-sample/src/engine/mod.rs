@@ -1,100 +1,100 @@
-//! The tensor engine shared by every member of the family: the first pass is measured, the gate
-//! decides, a perturbed clone is built for SAM steps, the PSF is cached, and cheap steps mix the
+//! The tensor engine shared by every member of the family: the gate decides, the first pass is
+//! measured, a perturbed clone is built for SAM steps, the PSF is cached, and cheap steps mix the
 //! cache back in. The result is a direction for any Burn base optimizer.
 //!
-//! The protocol for one step:
+//! One step, in three parts:
 //!
-//! 1. [`SamEngine::first_pass`] with the pass-1 gradients and loss; the gate decides here;
-//! 2. [`SamEngine::perturb`] returns the perturbed module on SAM steps (`None` on cheap steps);
-//!    run the second forward/backward pass on it;
-//! 3. [`SamEngine::finish`] with the second-pass gradients (SAM steps) or `None` (cheap steps)
-//!    returns the direction to hand to the base optimizer.
+//! - the engine **plans** it ([`SamEngine::plan`]: the gate's decision, the cheap term, the cache
+//!   to read), which is all the state the tensor work needs;
+//! - the pure tensor functions of [`step`] run the passes, free of engine state;
+//! - the engine **commits** the outcome (counts, statistics, the next cache).
+//!
+//! [`pass`] strings the three together once, for every driver: [`SamEngine::first_pass`] (users
+//! who run the passes themselves), [`SamOptimizer::step`](crate::SamOptimizer::step) and the
+//! Learner's `SamHandle::train_step`.
 //!
 //! Host reads: one small read per SAM step (the statistics, the loss and the non-finite counter,
 //! together); none on cheap steps, except AE-SAM's ‖g‖² of the previous step.
 
+mod pass;
 mod record;
+mod round;
 mod step;
 pub(crate) mod tensors;
 
+pub use pass::{CheapPass, Pass, SamPass};
+pub(crate) use pass::{EngineAccess, EngineRef};
 pub use record::EngineRecord;
-pub(crate) use record::{pack_tensor, read_all, read_file, sealed_writer};
-pub use step::FirstPass;
-pub(crate) use step::{cheap_direction, evaluate_sam, first_pass as step_first_pass, perturb, ReuseCache, SamOutcome};
 
-use burn::module::{Module, ParamId};
+use std::sync::Arc;
+
+use burn::module::Module;
 use burn::optim::GradientsParams;
-use burn::tensor::{Shape, Tensor};
+use burn::tensor::Tensor;
 use serde::{Deserialize, Serialize};
 
 use crate::config::SamConfig;
-use crate::error::{Result, SamError};
+use crate::error::Result;
 use crate::policy::{Gate, PsfStats};
 use crate::reuse::CheapTerm;
 use crate::telemetry::StepTelemetry;
+use round::Round;
+use step::{FirstPass, Readback, ReuseCache, SamOutcome};
 
-/// Running totals kept by the engine.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Counters {
+/// The engine's scalar state, all of it: what the engine runs on and, as JSON, what its record
+/// stores (next to the cached tensors).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub(crate) struct EngineState {
+    /// The gate: rule, state, RNG position.
+    pub gate: Gate,
+    /// Cheap steps since the cache was stored.
+    pub since_cache: u32,
     /// Steps finished (train steps: with gradient accumulation or several devices, one per
     /// micro-batch or device).
     pub steps: u64,
-    /// Of those, SAM steps (second pass run).
+    /// Of those, SAM steps.
     pub sam_steps: u64,
-    /// Gradient passes run (one per step, two per SAM step).
+    /// Gradient passes run.
     pub passes: u64,
-    /// Gate decisions taken (optimizer steps); equals `steps` in a custom loop.
+    /// Gate decisions taken (optimizer steps).
     pub rounds: u64,
-    /// Steps whose loss or gradient was not finite, as known on the host so far (cheap steps are
-    /// counted on the device and read at the next SAM step or record).
+    /// Steps with a non-finite loss or gradient, as known on the host so far.
     pub non_finite_steps: u64,
+    /// Statistics of the last successful SAM step.
+    pub last_stats: Option<PsfStats>,
+    /// Whether the last step was a SAM step.
+    pub last_sam: bool,
+    /// Whether the last SAM step was skipped as non-finite.
+    pub last_skipped: bool,
+    /// Parameters (id, shape) of the last step, to check a restored record against a module.
+    pub manifest: Vec<(u64, Vec<usize>)>,
 }
 
-/// One gate decision and what the steps under it reported. A custom loop has one step per
-/// round; the Learner integration has one per micro-batch and device of an optimizer step.
+/// What one step needs from the engine: the decision, the cheap term and the cache it reads.
+/// Taken under the engine's lock in the Learner, used without it.
 #[derive(Clone, Debug)]
-pub(crate) struct Round {
+pub(crate) struct Plan {
     pub sam: bool,
     pub term: CheapTerm,
-    cache_sum: Option<(std::collections::HashMap<ParamId, Tensor<1>>, Vec<ParamId>, burn::tensor::Device)>,
-    contributions: u32,
-    stats: Vec<PsfStats>,
-    grad_sq_host: Vec<f64>,
-    grad_sq_device: Option<Tensor<1>>,
-    grad_sq_count: u32,
-}
-
-impl Round {
-    fn closed() -> Self {
-        Self {
-            sam: true,
-            term: CheapTerm::Plain,
-            cache_sum: None,
-            contributions: 0,
-            stats: Vec::new(),
-            grad_sq_host: Vec::new(),
-            grad_sq_device: None,
-            grad_sq_count: 0,
-        }
-    }
+    /// The cache a cheap step reads (empty on SAM steps).
+    pub cache: Arc<ReuseCache>,
+    pub config: SamConfig,
+    pub wants_grad_norm: bool,
 }
 
 /// Gate, PSF cache and tensor work of the SAM family, without a base optimizer.
 ///
-/// [`SamOptimizer`](crate::SamOptimizer) combines it with a base optimizer for custom loops.
+/// [`SamOptimizer`](crate::SamOptimizer) combines it with a base optimizer for custom loops;
+/// [`first_pass`](Self::first_pass) drives the passes by hand.
 #[derive(Clone, Debug)]
 pub struct SamEngine {
     config: SamConfig,
-    gate: Gate,
-    cache: ReuseCache,
-    since_cache: u32,
+    state: EngineState,
+    cache: Arc<ReuseCache>,
+    /// ‖g‖² of the last round's cheap steps, still on the device (AE-SAM only).
     pending_grad_sq: Option<Tensor<1>>,
+    /// Non-finite cheap steps counted on the device since the last read.
     device_non_finite: Option<Tensor<1>>,
-    counters: Counters,
-    last_stats: Option<PsfStats>,
-    last_sam: bool,
-    last_skipped: bool,
-    manifest: Vec<(ParamId, Shape)>,
     round: Option<Round>,
 }
 
@@ -103,17 +103,23 @@ impl SamEngine {
     pub fn new(config: &SamConfig) -> Result<Self> {
         config.validate()?;
         Ok(Self {
-            gate: Gate::new(config.policy.clone(), config.seed)?,
+            state: EngineState {
+                gate: Gate::new(config.policy.clone(), config.seed)?,
+                since_cache: 0,
+                steps: 0,
+                sam_steps: 0,
+                passes: 0,
+                rounds: 0,
+                non_finite_steps: 0,
+                last_stats: None,
+                last_sam: false,
+                last_skipped: false,
+                manifest: Vec::new(),
+            },
             config: config.clone(),
-            cache: ReuseCache::default(),
-            since_cache: 0,
+            cache: Arc::default(),
             pending_grad_sq: None,
             device_non_finite: None,
-            counters: Counters::default(),
-            last_stats: None,
-            last_sam: false,
-            last_skipped: false,
-            manifest: Vec::new(),
             round: None,
         })
     }
@@ -125,95 +131,50 @@ impl SamEngine {
 
     /// The gate, for inspection.
     pub fn gate(&self) -> &Gate {
-        &self.gate
+        &self.state.gate
     }
 
-    /// Running totals.
-    pub fn counters(&self) -> Counters {
-        self.counters
+    /// Step 1 of a step driven by hand: takes the pass-1 gradients and loss of `module`, asks the
+    /// gate, and returns a [`Pass::Sam`] (run the second pass on
+    /// [`SamPass::perturbed`], then [`SamPass::finish`]) or a [`Pass::Cheap`]
+    /// ([`CheapPass::finish`]). The pass borrows the engine until it is finished, so steps cannot
+    /// interleave; a pass dropped unfinished leaves the engine as if the step had not run,
+    /// except that the gate has decided once.
+    pub fn first_pass<M: Module>(&mut self, module: &M, grads: GradientsParams, loss: &Tensor<1>) -> Pass<'_> {
+        Pass::begin(self, module, grads, loss)
     }
 
-    /// Step 1: takes the pass-1 gradients and loss of `module`, and decides the step.
-    pub fn first_pass<M: Module>(&mut self, module: &M, grads: GradientsParams, loss: &Tensor<1>) -> FirstPass {
-        self.round = None;
-        let sam = self.ensure_round();
-        self.first_pass_in(sam, module, grads, loss)
-    }
-
-    /// Step 2: the perturbed module `w + ε` for a SAM step, `None` for a cheap step.
-    ///
-    /// The clone keeps every `ParamId`, require-grad and checkpointing setting; parameters
-    /// without a gradient are left as they are; its BatchNorm running statistics are separate
-    /// from `module`'s, so the second pass does not update them. `module` is not modified.
-    pub fn perturb<M: Module>(&self, module: &M, first: &FirstPass) -> Option<M> {
-        step::perturb(&self.config, module, first)
-    }
-
-    /// Step 3: the direction for the base optimizer.
-    ///
-    /// `second` must hold the gradients of the perturbed module on SAM steps and be `None` on
-    /// cheap steps; anything else is a protocol error and leaves the engine unchanged.
-    pub fn finish<M: Module>(
-        &mut self,
-        module: &M,
-        first: FirstPass,
-        second: Option<GradientsParams>,
-    ) -> Result<GradientsParams> {
-        match (&self.round, first.sam, &second) {
-            (Some(round), true, Some(_)) | (Some(round), false, None) if round.sam == first.sam => {}
-            (None, ..) => {
-                return Err(SamError::Protocol(format!(
-                    "step {}: `finish` without a matching `first_pass`",
-                    self.counters.steps
-                )))
-            }
-            (_, true, _) => {
-                return Err(SamError::Protocol(format!(
-                    "step {} is a SAM step: `finish` needs the second-pass gradients",
-                    self.counters.steps
-                )))
-            }
-            (_, false, _) => {
-                return Err(SamError::Protocol(format!(
-                    "step {} is a cheap step: `finish` expects no second-pass gradients",
-                    self.counters.steps
-                )))
-            }
+    /// Decides the step: opens a round unless one is open (the lagged ‖g‖² is fed to the gate
+    /// first), and returns what the tensor work needs. With `new_round`, any open round (a step
+    /// abandoned before its end) is dropped first.
+    pub(crate) fn plan(&mut self, new_round: bool) -> Plan {
+        if new_round {
+            self.round = None;
         }
-        let direction = match second {
-            Some(second) => {
-                let flags = self.take_non_finite_flags();
-                let outcome = step::evaluate_sam(&self.config, module, first, second, flags);
-                self.record_sam(&outcome);
-                outcome.direction(module)
-            }
+        let round = match self.round.take() {
+            Some(round) => round,
             None => {
-                let term = self.cheap_term();
-                self.record_cheap(&first);
-                step::cheap_direction(&self.config, module, first, term, &self.cache)
+                if let Some(grad_sq) = self.pending_grad_sq.take() {
+                    self.state.gate.observe_grad_norm_sq(grad_sq.into_scalar::<f32>() as f64);
+                }
+                let sam = self.state.gate.decide();
+                let term = if sam || self.cache.is_empty() {
+                    CheapTerm::Plain
+                } else {
+                    self.config.reuse.cheap_term(self.state.since_cache.saturating_add(1))
+                };
+                Round::open(sam, term)
             }
         };
-        self.end_round();
-        Ok(direction)
-    }
-
-    /// Decides a new round unless one is open; returns its decision. The lagged ‖g‖² is fed to
-    /// the gate first.
-    pub(crate) fn ensure_round(&mut self) -> bool {
-        if let Some(round) = &self.round {
-            return round.sam;
-        }
-        if let Some(grad_sq) = self.pending_grad_sq.take() {
-            self.gate.observe_grad_norm_sq(grad_sq.into_scalar::<f32>() as f64);
-        }
-        let sam = self.gate.decide();
-        let term = if sam || self.cache.is_empty() {
-            CheapTerm::Plain
-        } else {
-            self.config.reuse.cheap_term(self.since_cache.saturating_add(1))
+        let plan = Plan {
+            sam: round.sam,
+            term: round.term,
+            cache: if round.sam { Arc::default() } else { Arc::clone(&self.cache) },
+            config: self.config.clone(),
+            wants_grad_norm: self.state.gate.wants_grad_norm(),
         };
-        self.round = Some(Round { sam, term, ..Round::closed() });
-        sam
+        self.round = Some(round);
+        plan
     }
 
     /// Whether a round is open (between its decision and its end).
@@ -221,41 +182,13 @@ impl SamEngine {
         self.round.is_some()
     }
 
-    /// What cheap steps of the open round add to their gradient.
-    pub(crate) fn cheap_term(&self) -> CheapTerm {
-        self.round.as_ref().map_or(CheapTerm::Plain, |round| round.term)
-    }
-
-    /// The first pass of one step under the open round's decision `sam`.
-    pub(crate) fn first_pass_in<M: Module>(
-        &mut self,
-        sam: bool,
-        module: &M,
-        grads: GradientsParams,
-        loss: &Tensor<1>,
-    ) -> FirstPass {
-        let first = step::first_pass(&self.config, module, grads, loss, sam, self.gate.wants_grad_norm());
-        self.manifest = first.manifest();
-        first
-    }
-
-    /// Records the parameters of the last step, for saving.
-    pub(crate) fn set_manifest(&mut self, manifest: Vec<(ParamId, Shape)>) {
-        self.manifest = manifest;
-    }
-
-    /// The cache cheap steps of the current round read.
-    pub(crate) fn cache(&self) -> &ReuseCache {
-        &self.cache
-    }
-
     /// Takes the device-side non-finite flags of earlier cheap steps, to read with a SAM step.
     pub(crate) fn take_non_finite_flags(&mut self) -> Option<Tensor<1>> {
         self.device_non_finite.take()
     }
 
-    /// Books a cheap step of `round` (no host read).
-    pub(crate) fn record_cheap(&mut self, first: &FirstPass) -> StepTelemetry {
+    /// Books a cheap step (no host read).
+    pub(crate) fn commit_cheap(&mut self, first: &FirstPass) -> StepTelemetry {
         if self.config.guard_non_finite {
             let flag = first.non_finite_flag();
             self.device_non_finite = Some(match self.device_non_finite.take() {
@@ -266,68 +199,46 @@ impl SamEngine {
                 None => flag,
             });
         }
-        if let (Some(round), true) = (self.round.as_mut(), self.gate.wants_grad_norm()) {
-            let grad_sq = first.grad_sq.clone();
-            round.grad_sq_device = Some(match round.grad_sq_device.take() {
-                Some(sum) => {
-                    let device = sum.device();
-                    sum + grad_sq.to_device(&device)
-                }
-                None => grad_sq,
-            });
-            round.grad_sq_count = round.grad_sq_count.saturating_add(1);
+        if let (Some(round), true) = (self.round.as_mut(), self.state.gate.wants_grad_norm()) {
+            round.add_device_grad_sq(first.grad_sq.clone());
         }
-        self.counters.steps = self.counters.steps.saturating_add(1);
-        self.counters.passes = self.counters.passes.saturating_add(1);
-        self.last_sam = false;
-        self.last_skipped = false;
+        self.state.manifest = first.manifest();
+        let state = &mut self.state;
+        state.steps = state.steps.saturating_add(1);
+        state.passes = state.passes.saturating_add(1);
+        state.last_sam = false;
+        state.last_skipped = false;
         self.telemetry()
     }
 
-    /// Books a SAM step of `round` from its evaluated outcome.
-    pub(crate) fn record_sam(&mut self, outcome: &SamOutcome) -> StepTelemetry {
+    /// Books a SAM step from its evaluated outcome.
+    pub(crate) fn commit_sam(&mut self, outcome: &SamOutcome, manifest: Vec<(u64, Vec<usize>)>) -> StepTelemetry {
         let readback = outcome.readback;
         self.record_cheap_non_finite(readback.cheap_non_finite);
-        let mut detached = None;
-        let round = match self.round.as_mut() {
-            Some(round) => round,
-            // Steps outside any round (only after misuse) are booked but teach nothing.
-            None => detached.get_or_insert(Round::closed()),
-        };
+        // A step whose round was dropped (a pass abandoned, then finished) is booked but teaches
+        // nothing.
+        let mut detached = Round::open(true, CheapTerm::Plain);
+        let round = self.round.as_mut().unwrap_or(&mut detached);
         if readback.second_ok() {
-            round.stats.push(readback.stats());
-            round.grad_sq_host.push(readback.grad_sq);
-            if let Some(tensors) = outcome.cache_tensors(&self.config.reuse) {
-                round.contributions = round.contributions.saturating_add(1);
-                round.cache_sum = Some(match round.cache_sum.take() {
-                    None => (tensors, outcome.order(), outcome.device.clone()),
-                    Some((mut sum, order, device)) => {
-                        for (id, tensor) in tensors {
-                            let tensor = tensor.to_device(&device);
-                            let total = match sum.remove(&id) {
-                                Some(previous) => previous + tensor,
-                                None => tensor,
-                            };
-                            sum.insert(id, total);
-                        }
-                        (sum, order, device)
-                    }
-                });
-            }
-            self.last_stats = Some(readback.stats());
-            self.last_skipped = false;
+            round.add_sam(readback.stats(), readback.grad_sq, outcome.cache_tensors(&self.config.reuse), || {
+                (outcome.order(), outcome.device.clone())
+            });
+            self.state.last_stats = Some(readback.stats());
+            self.state.last_skipped = false;
         } else {
-            warn_skipped(self.counters.steps, &readback);
+            warn_skipped(self.state.steps, &readback);
             if readback.first_ok() {
-                round.grad_sq_host.push(readback.grad_sq);
+                round.add_grad_sq(readback.grad_sq);
             }
-            self.counters.non_finite_steps = self.counters.non_finite_steps.saturating_add(1);
-            self.last_skipped = true;
+            self.state.non_finite_steps = self.state.non_finite_steps.saturating_add(1);
+            self.state.last_skipped = true;
         }
-        self.counters.steps = self.counters.steps.saturating_add(1);
-        self.counters.sam_steps = self.counters.sam_steps.saturating_add(1);
-        self.counters.passes = self.counters.passes.saturating_add(2);
-        self.last_sam = true;
+        self.state.manifest = manifest;
+        let state = &mut self.state;
+        state.steps = state.steps.saturating_add(1);
+        state.sam_steps = state.sam_steps.saturating_add(1);
+        state.passes = state.passes.saturating_add(2);
+        state.last_sam = true;
         self.telemetry()
     }
 
@@ -337,37 +248,22 @@ impl SamEngine {
         let Some(round) = self.round.take() else {
             return;
         };
-        self.counters.rounds = self.counters.rounds.saturating_add(1);
-        if let Some((sum, order, device)) = round.cache_sum {
-            let tensors = if round.contributions > 1 {
-                let scale = 1.0 / round.contributions as f64;
-                sum.into_iter().map(|(id, t)| (id, t.mul_scalar(scale))).collect()
-            } else {
-                sum
-            };
-            self.cache = ReuseCache::new(tensors, &self.config.reuse, &order, &device);
-            self.since_cache = 0;
-        } else if !round.sam {
-            self.since_cache = self.since_cache.saturating_add(1);
+        self.state.rounds = self.state.rounds.saturating_add(1);
+        let closed = round.close();
+        if let Some((tensors, order, device)) = closed.cache {
+            self.cache = Arc::new(ReuseCache::new(tensors, &self.config.reuse, &order, &device));
+            self.state.since_cache = 0;
+        } else if !closed.sam {
+            self.state.since_cache = self.state.since_cache.saturating_add(1);
         }
-        if !round.stats.is_empty() {
-            let n = round.stats.len() as f64;
-            let mean = PsfStats {
-                psf_norm: round.stats.iter().map(|s| s.psf_norm).sum::<f64>() / n,
-                ratio: round.stats.iter().map(|s| s.ratio).sum::<f64>() / n,
-            };
-            self.gate.observe_sam(mean);
+        if let Some(stats) = closed.stats {
+            self.state.gate.observe_sam(stats);
         }
-        if !round.grad_sq_host.is_empty() {
-            let mean = round.grad_sq_host.iter().sum::<f64>() / round.grad_sq_host.len() as f64;
-            self.gate.observe_grad_norm_sq(mean);
+        if let Some(grad_sq) = closed.grad_sq_host {
+            self.state.gate.observe_grad_norm_sq(grad_sq);
             self.pending_grad_sq = None;
-        } else if let Some(sum) = round.grad_sq_device {
-            self.pending_grad_sq = Some(if round.grad_sq_count > 1 {
-                sum.div_scalar(round.grad_sq_count as f64)
-            } else {
-                sum
-            });
+        } else if let Some(grad_sq) = closed.grad_sq_device {
+            self.pending_grad_sq = Some(grad_sq);
         }
     }
 
@@ -377,43 +273,45 @@ impl SamEngine {
             log::warn!(
                 "{count} cheap step(s) before step {} had a non-finite loss or gradient; their \
                  updates were zeroed",
-                self.counters.steps
+                self.state.steps
             );
-            self.counters.non_finite_steps = self.counters.non_finite_steps.saturating_add(count);
+            self.state.non_finite_steps = self.state.non_finite_steps.saturating_add(count);
         }
     }
 
-    /// Reads the device-side count of non-finite cheap steps into [`Counters`] (one host read).
-    pub fn sync_counters(&mut self) -> Counters {
+    /// Reads the device-side count of non-finite cheap steps (one host read) and returns the
+    /// telemetry with it.
+    pub fn sync_telemetry(&mut self) -> StepTelemetry {
         if let Some(count) = self.device_non_finite.take() {
             let count = count.into_scalar::<f32>() as f64;
             self.record_cheap_non_finite(count);
         }
-        self.counters
+        self.telemetry()
     }
 
     /// What the last finished step did, and the totals so far. Reads nothing from the device.
     pub fn telemetry(&self) -> StepTelemetry {
-        let c = self.counters;
+        let state = &self.state;
         StepTelemetry {
-            step: c.steps,
-            sam: self.last_sam,
-            skipped: self.last_skipped,
-            passes: c.passes,
-            sam_steps: c.sam_steps,
-            sam_fraction: if c.steps == 0 { 0.0 } else { c.sam_steps as f64 / c.steps as f64 },
-            quota: self.gate.quota(),
-            target_fraction: self.gate.target_fraction(),
-            warmup: self.gate.in_warmup(),
-            psf_norm: self.last_stats.map(|s| s.psf_norm),
-            psf_ratio: self.last_stats.map(|s| s.ratio),
-            non_finite_steps: c.non_finite_steps,
+            step: state.steps,
+            sam: state.last_sam,
+            skipped: state.last_skipped,
+            passes: state.passes,
+            sam_steps: state.sam_steps,
+            rounds: state.rounds,
+            sam_fraction: if state.steps == 0 { 0.0 } else { state.sam_steps as f64 / state.steps as f64 },
+            quota: state.gate.quota(),
+            target_fraction: state.gate.target_fraction(),
+            warmup: state.gate.in_warmup(),
+            psf_norm: state.last_stats.map(|s| s.psf_norm),
+            psf_ratio: state.last_stats.map(|s| s.ratio),
+            non_finite_steps: state.non_finite_steps,
         }
     }
 }
 
 /// Logs a SAM step whose loss or gradient was not finite, and what was done instead.
-pub(crate) fn warn_skipped(step: u64, readback: &step::Readback) {
+fn warn_skipped(step: u64, readback: &Readback) {
     if readback.first_ok() {
         log::warn!(
             "step {step}: the second-pass gradient is not finite; the first-pass gradient is used, \

@@ -1,24 +1,22 @@
 //! The tensor work of one step, free of engine state: measuring the first pass, building the
 //! perturbed clone, forming the direction of a cheap step, and evaluating a SAM step.
 //!
-//! The single-device [`SamEngine`](super::SamEngine) and the Learner integration both drive
-//! these functions and differ only in how they keep state between steps.
+//! [`Pass`](super::Pass) strings them together; the engine keeps the state between steps.
 
 use std::collections::HashMap;
 
 use burn::module::{Module, ParamId};
 use burn::optim::GradientsParams;
-use burn::tensor::{Bool, DType, Device, Shape, Tensor};
+use burn::tensor::{Bool, DType, Device, Tensor};
 
 use super::tensors::{self, square_sum, sum_parts, Collected, FlatGrad};
 use crate::config::SamConfig;
 use crate::policy::PsfStats;
 use crate::reuse::{CheapTerm, ReusePolicy};
 
-/// The result of the first pass of a step, to hand back to the engine's `perturb` and `finish`.
+/// The first pass of a step, measured.
 #[derive(Debug)]
-pub struct FirstPass {
-    pub(crate) sam: bool,
+pub(crate) struct FirstPass {
     pub(crate) collected: Collected,
     grad_sq_parts: Vec<Tensor<1>>,
     pub(crate) grad_sq: Tensor<1>,
@@ -28,14 +26,9 @@ pub struct FirstPass {
 }
 
 impl FirstPass {
-    /// Whether the gate chose a SAM step (a second pass is expected).
-    pub fn is_sam(&self) -> bool {
-        self.sam
-    }
-
     /// The parameters with a gradient, in module order, with their shapes.
-    pub(crate) fn manifest(&self) -> Vec<(ParamId, Shape)> {
-        self.collected.grads.iter().map(|flat| (flat.id, flat.shape.clone())).collect()
+    pub(crate) fn manifest(&self) -> Vec<(u64, Vec<usize>)> {
+        self.collected.grads.iter().map(|flat| (flat.id.val(), flat.shape.to_vec())).collect()
     }
 
     /// 1.0 when the loss or the gradient is not finite, else 0.0 (f32, on the device).
@@ -44,7 +37,8 @@ impl FirstPass {
     }
 }
 
-/// What a SAM step stores for the cheap steps after it, per `ParamId`, in f32.
+/// What a SAM step stores for the cheap steps after it, per `ParamId`, in f32 (shared, not
+/// copied, by the plans of the steps that read it).
 #[derive(Clone, Debug, Default)]
 pub(crate) struct ReuseCache {
     pub tensors: HashMap<ParamId, Tensor<1>>,
@@ -78,48 +72,25 @@ pub(crate) fn first_pass<M: Module>(
 ) -> FirstPass {
     let asam_eta = (sam && config.adaptive).then_some(config.adaptive_eta);
     let collected = tensors::collect(module, grads, sam, asam_eta);
-    let device = collected
-        .grads
-        .first()
-        .map(|flat| flat.grad.device())
-        .unwrap_or_else(|| loss.device());
-    let needs_norm = sam
-        || config.guard_non_finite
-        || wants_grad_norm
-        || matches!(config.reuse, ReusePolicy::LookSam { .. });
-    let grad_sq_parts: Vec<Tensor<1>> = if needs_norm {
-        collected.grads.iter().map(|flat| square_sum(&flat.grad)).collect()
-    } else {
-        Vec::new()
-    };
+    let device = collected.grads.first().map(|flat| flat.grad.device()).unwrap_or_else(|| loss.device());
+    let needs_norm =
+        sam || config.guard_non_finite || wants_grad_norm || matches!(config.reuse, ReusePolicy::LookSam { .. });
+    let grad_sq_parts: Vec<Tensor<1>> =
+        if needs_norm { collected.grads.iter().map(|flat| square_sum(&flat.grad)).collect() } else { Vec::new() };
     let grad_sq = sum_parts(&grad_sq_parts, &device);
     let loss = loss.clone().inner().cast(DType::F32).sum().to_device(&device);
     let skip = grad_sq.clone().is_finite().bool_and(loss.clone().is_finite()).bool_not();
-    FirstPass {
-        sam,
-        collected,
-        grad_sq_parts,
-        grad_sq,
-        loss,
-        skip,
-        device,
-    }
+    FirstPass { collected, grad_sq_parts, grad_sq, loss, skip, device }
 }
 
-/// The perturbed module `w + ε` for a SAM step, `None` for a cheap step.
-pub(crate) fn perturb<M: Module>(config: &SamConfig, module: &M, first: &FirstPass) -> Option<M> {
-    if !first.sam {
-        return None;
-    }
-    let norm_sq = if config.adaptive {
-        sum_parts(&first.collected.scaled_sq, &first.device)
-    } else {
-        first.grad_sq.clone()
-    };
+/// The perturbed module `w + ε` of a SAM step.
+pub(crate) fn perturb<M: Module>(config: &SamConfig, module: &M, first: &FirstPass) -> M {
+    let norm_sq =
+        if config.adaptive { sum_parts(&first.collected.scaled_sq, &first.device) } else { first.grad_sq.clone() };
     let rho = Tensor::<1>::full([1], config.rho, (&first.device, DType::F32));
     let scale = rho / norm_sq.sqrt().add_scalar(config.eps);
     let asam_eta = config.adaptive.then_some(config.adaptive_eta);
-    Some(tensors::perturbed_clone(module, &first.collected, &scale, &first.skip, asam_eta))
+    tensors::perturbed_clone(module, &first.collected, &scale, &first.skip, asam_eta)
 }
 
 /// The direction of a cheap step: `g` plus the reuse `term` over `cache`, zeroed on the device
@@ -219,19 +190,9 @@ pub(crate) fn evaluate_sam<M: Module>(
     second: GradientsParams,
     cheap_flags: Option<Tensor<1>>,
 ) -> SamOutcome {
-    let FirstPass {
-        collected,
-        grad_sq_parts,
-        grad_sq,
-        loss,
-        device,
-        ..
-    } = first;
-    let mut second: HashMap<ParamId, Tensor<1>> = tensors::collect(module, second, false, None)
-        .grads
-        .into_iter()
-        .map(|flat| (flat.id, flat.grad))
-        .collect();
+    let FirstPass { collected, grad_sq_parts, grad_sq, loss, device, .. } = first;
+    let mut second: HashMap<ParamId, Tensor<1>> =
+        tensors::collect(module, second, false, None).grads.into_iter().map(|flat| (flat.id, flat.grad)).collect();
     let look_sam = matches!(config.reuse, ReusePolicy::LookSam { .. });
 
     let mut pairs = Vec::with_capacity(collected.grads.len());
@@ -265,20 +226,13 @@ pub(crate) fn evaluate_sam<M: Module>(
         0,
     );
     let values: Vec<f64> = readback.into_data().iter::<f32>().map(f64::from).collect();
-    let [grad_sq, grad_tail_sq, psf_tail_sq, psf_sq, loss, dot, cheap_non_finite] = values[..] else {
-        unreachable!("seven statistics were concatenated")
-    };
+    // A read of another length cannot happen with a working backend; if it did, the step would
+    // count as non-finite (skipped) rather than use misplaced values.
+    let [grad_sq, grad_tail_sq, psf_tail_sq, psf_sq, loss, dot, cheap_non_finite] =
+        <[f64; 7]>::try_from(values).unwrap_or([f64::NAN; 7]);
     SamOutcome {
         pairs,
-        readback: Readback {
-            grad_sq,
-            grad_tail_sq,
-            psf_tail_sq,
-            psf_sq,
-            loss,
-            dot,
-            cheap_non_finite,
-        },
+        readback: Readback { grad_sq, grad_tail_sq, psf_tail_sq, psf_sq, loss, dot, cheap_non_finite },
         device,
     }
 }
@@ -290,7 +244,9 @@ impl SamOutcome {
     pub fn cache_tensors(&self, reuse: &ReusePolicy) -> Option<HashMap<ParamId, Tensor<1>>> {
         match reuse {
             ReusePolicy::None => None,
-            ReusePolicy::DecayedPsf { .. } => Some(self.pairs.iter().map(|(flat, _, psf)| (flat.id, psf.clone())).collect()),
+            ReusePolicy::DecayedPsf { .. } => {
+                Some(self.pairs.iter().map(|(flat, _, psf)| (flat.id, psf.clone())).collect())
+            }
             ReusePolicy::LookSam { .. } => {
                 let r = &self.readback;
                 let projection = if r.grad_sq > 0.0 { r.dot / r.grad_sq } else { 0.0 };

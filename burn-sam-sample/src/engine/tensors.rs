@@ -82,7 +82,8 @@ impl ModuleVisitor for CollectVisitor<'_> {
         if self.capture || self.asam_eta.is_some() {
             let value = param.val();
             if let Some(eta) = self.asam_eta {
-                let scaled = value.clone().inner().cast(DType::F32).abs().add_scalar(eta) * grad.clone().cast(DType::F32);
+                let scaled =
+                    value.clone().inner().cast(DType::F32).abs().add_scalar(eta) * grad.clone().cast(DType::F32);
                 self.out.scaled_sq.push(scaled.square().sum());
             }
             if self.capture {
@@ -90,11 +91,7 @@ impl ModuleVisitor for CollectVisitor<'_> {
             }
         }
         let numel = shape.num_elements();
-        self.out.grads.push(FlatGrad {
-            id: param.id,
-            shape,
-            grad: grad.reshape([numel]),
-        });
+        self.out.grads.push(FlatGrad { id: param.id, shape, grad: grad.reshape([numel]) });
     }
 }
 
@@ -108,13 +105,8 @@ pub(crate) fn collect<M: Module>(
     capture: bool,
     asam_eta: Option<f64>,
 ) -> Collected {
-    let mut visitor = CollectVisitor {
-        grads: &mut grads,
-        seen: HashSet::new(),
-        out: Collected::default(),
-        asam_eta,
-        capture,
-    };
+    let mut visitor =
+        CollectVisitor { grads: &mut grads, seen: HashSet::new(), out: Collected::default(), asam_eta, capture };
     module.visit(&mut visitor);
     visitor.out
 }

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 use burn::optim::OptimizerRecord;
 use burn::train::checkpoint::{
-    CheckpointingAction, CheckpointingStrategy, Checkpointer, CheckpointerError, FileCheckpointer,
+    Checkpointer, CheckpointerError, CheckpointingAction, CheckpointingStrategy, FileCheckpointer,
 };
 use burn::train::metric::store::EventStoreClient;
 use burn::train::{LearnerModel, SupervisedTraining};
@@ -46,11 +46,7 @@ pub struct SamCheckpointer {
 impl SamCheckpointer {
     /// Files go to `directory/{name}-{epoch}.bpk`.
     pub fn new(directory: impl AsRef<Path>, name: &str, handle: &SamHandle) -> Self {
-        Self {
-            directory: directory.as_ref().to_path_buf(),
-            name: name.to_string(),
-            handle: handle.clone(),
-        }
+        Self { directory: directory.as_ref().to_path_buf(), name: name.to_string(), handle: handle.clone() }
     }
 
     fn path(&self, epoch: usize) -> PathBuf {
@@ -71,10 +67,7 @@ impl Checkpointer<OptimizerRecord> for SamCheckpointer {
             ))
         })?;
         std::fs::create_dir_all(&self.directory).map_err(CheckpointerError::IOError)?;
-        let record = SamOptimizerRecord {
-            base: record,
-            engine: engine.to_record(),
-        };
+        let record = SamOptimizerRecord { base: record, engine: engine.to_record() };
         record.save(self.path(epoch)).map_err(unknown)
     }
 
@@ -113,12 +106,7 @@ pub fn verify_checkpoint(directory: impl AsRef<Path>, epoch: usize, config: &Sam
                     path.display()
                 )))
             }
-            Err(err) => {
-                return Err(SamError::CorruptRecord(format!(
-                    "checkpoint {epoch}: {}: {err}",
-                    path.display()
-                )))
-            }
+            Err(err) => return Err(SamError::CorruptRecord(format!("checkpoint {epoch}: {}: {err}", path.display()))),
         }
     }
     let optim = folder.join(format!("optim-{epoch}.bpk"));
@@ -134,10 +122,7 @@ impl SamHandle {
     /// Wraps a checkpointing strategy so that every checkpoint it asks for also captures the SAM
     /// state of that moment.
     pub fn checkpointing<S: CheckpointingStrategy>(&self, strategy: S) -> SamCheckpointing<S> {
-        SamCheckpointing {
-            inner: strategy,
-            handle: self.clone(),
-        }
+        SamCheckpointing { inner: strategy, handle: self.clone() }
     }
 }
 

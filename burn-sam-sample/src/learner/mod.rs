@@ -17,10 +17,13 @@ mod metrics;
 mod output;
 
 pub use checkpoint::{verify_checkpoint, SamCheckpointer, SamCheckpointing, SamTrainingExt};
-pub use metrics::{GradientPassesMetric, PsfRatioMetric, SamFractionMetric, SamQuotaMetric, SamStepInfo, SamTargetMetric};
+pub use metrics::{
+    GradientPassesMetric, PsfRatioMetric, SamFractionMetric, SamQuotaMetric, SamStepInfo, SamTargetMetric,
+};
 pub use output::SamOutput;
 
 use std::collections::BTreeMap;
+use std::ops::{Deref, DerefMut};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use burn::lr_scheduler::module_lr_scheduler::ModuleLearningRate;
@@ -30,7 +33,7 @@ use burn::tensor::{Device, Tensor};
 use burn::train::TrainOutput;
 
 use crate::config::SamConfig;
-use crate::engine::{cheap_direction, evaluate_sam, perturb, step_first_pass, EngineRecord, SamEngine};
+use crate::engine::{EngineAccess, EngineRecord, EngineRef, Pass, SamEngine};
 use crate::error::Result;
 use crate::telemetry::StepTelemetry;
 
@@ -175,57 +178,17 @@ impl SamHandle {
         let (loss, output) = forward(model, input.clone());
         let grads = GradientsParams::from_grads(loss.backward(), model);
         let device = model.devices().into_iter().next();
-
-        let (sam, config, wants_grad_norm, term, cache) = {
+        {
             let mut shared = self.lock();
             let max_steps = shared.max_steps_per_round;
             let replica = shared.replica(device.as_ref(), model);
             replica.bound_round(max_steps);
-            let sam = replica.engine.ensure_round();
             replica.steps_in_round += 1;
-            let engine = &replica.engine;
-            (
-                sam,
-                engine.config().clone(),
-                engine.gate().wants_grad_norm(),
-                engine.cheap_term(),
-                (!sam).then(|| engine.cache().clone()),
-            )
-        };
-        let first = step_first_pass(&config, model, grads, &loss, sam, wants_grad_norm);
-        let manifest = first.manifest();
-
-        let (direction, telemetry) = match perturb(&config, model, &first) {
-            Some(perturbed) => {
-                let (loss, _) = forward(&perturbed, input);
-                let second = GradientsParams::from_grads(loss.backward(), &perturbed);
-                let flags = self.with_engine(device.as_ref(), |engine| engine.take_non_finite_flags());
-                let outcome = evaluate_sam(&config, model, first, second, flags);
-                let telemetry = self.with_engine(device.as_ref(), |engine| {
-                    engine.set_manifest(manifest);
-                    engine.record_sam(&outcome)
-                });
-                (outcome.direction(model), telemetry)
-            }
-            None => {
-                let telemetry = self.with_engine(device.as_ref(), |engine| {
-                    engine.set_manifest(manifest);
-                    engine.record_cheap(&first)
-                });
-                let cache = cache.unwrap_or_default();
-                (cheap_direction(&config, model, first, term, &cache), telemetry)
-            }
-        };
-        TrainOutput {
-            grads: direction,
-            item: SamOutput::new(output, telemetry),
         }
-    }
-
-    fn with_engine<R>(&self, device: Option<&Device>, f: impl FnOnce(&mut SamEngine) -> R) -> R {
-        let mut shared = self.lock();
-        let index = shared.replica_index(device);
-        f(&mut shared.replicas[index].engine)
+        let mut access = ReplicaAccess { handle: self, device };
+        let (grads, telemetry) =
+            Pass::begin(&mut access, model, grads, &loss).run(model, |perturbed| forward(perturbed, input).0);
+        TrainOutput { grads, item: SamOutput::new(output, telemetry) }
     }
 
     /// Ends the optimizer step's round, then applies the base optimizer. Call it from
@@ -292,7 +255,7 @@ impl SamHandle {
         let engine = shared
             .replicas
             .iter()
-            .min_by_key(|replica| (replica.engine.in_round(), replica.engine.counters().steps))
+            .min_by_key(|replica| (replica.engine.in_round(), replica.engine.telemetry().step))
             .map_or_else(|| shared.fresh.clone(), |replica| replica.engine.clone());
         shared.snapshots.insert(epoch, engine);
     }
@@ -319,12 +282,7 @@ impl Shared {
         if let Some(index) = self.replicas.iter().position(|replica| replica.device == key) {
             return index;
         }
-        self.replicas.push(Replica {
-            device: key,
-            engine: self.fresh.clone(),
-            steps_in_round: 0,
-            restored: 0,
-        });
+        self.replicas.push(Replica { device: key, engine: self.fresh.clone(), steps_in_round: 0, restored: 0 });
         self.replicas.len() - 1
     }
 
@@ -361,5 +319,44 @@ impl Replica {
                 self.steps_in_round
             );
         }
+    }
+}
+
+/// The engine of one replica, reached through the handle's lock for each short access.
+struct ReplicaAccess<'h> {
+    handle: &'h SamHandle,
+    device: Option<Device>,
+}
+
+/// The lock on the shared state, narrowed to one replica's engine.
+struct ReplicaGuard<'a> {
+    shared: MutexGuard<'a, Shared>,
+    index: usize,
+}
+
+impl Deref for ReplicaGuard<'_> {
+    type Target = SamEngine;
+
+    fn deref(&self) -> &SamEngine {
+        &self.shared.replicas[self.index].engine
+    }
+}
+
+impl DerefMut for ReplicaGuard<'_> {
+    fn deref_mut(&mut self) -> &mut SamEngine {
+        &mut self.shared.replicas[self.index].engine
+    }
+}
+
+impl EngineAccess for ReplicaAccess<'_> {
+    fn engine(&mut self) -> EngineRef<'_> {
+        let mut shared = self.handle.lock();
+        let index = shared.replica_index(self.device.as_ref());
+        Box::new(ReplicaGuard { shared, index })
+    }
+
+    /// A round ends at `TrainStep::optimize`, after every device and micro-batch of the step.
+    fn step_is_round(&self) -> bool {
+        false
     }
 }

@@ -33,18 +33,13 @@ impl<O> SamOutput<O> {
 
 impl<O: ItemLazy> ItemLazy for SamOutput<O> {
     fn sync(self) -> Result<Self, ExecutionError> {
-        Ok(Self {
-            inner: self.inner.sync()?,
-            telemetry: self.telemetry,
-        })
+        Ok(Self { inner: self.inner.sync()?, telemetry: self.telemetry })
     }
 }
 
 impl<O> Adaptor<SamStepInfo> for SamOutput<O> {
     fn adapt(&self) -> SamStepInfo {
-        SamStepInfo {
-            telemetry: self.telemetry,
-        }
+        SamStepInfo { telemetry: self.telemetry }
     }
 }
 

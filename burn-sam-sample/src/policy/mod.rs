@@ -11,7 +11,7 @@ mod variation;
 
 pub use ae_sam::{AeSamConfig, AeSamState};
 pub use trend::{TrendConfig, TrendState};
-pub use variation::{mean_relative_change, sorted_block_variance, VariationConfig, VariationState};
+pub use variation::{VariationConfig, VariationState};
 
 use burn::config::Config;
 use rand::{Rng, SeedableRng};
@@ -102,114 +102,143 @@ impl PsfStats {
     }
 }
 
-/// The policy-specific part of a gate's state.
+/// A gate's rule: each policy's configuration paired with the state it drives, so that a rule
+/// can never meet the state of another.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub enum PolicyState {
-    /// Policies without state of their own (always, never, periodic, bernoulli).
-    Stateless,
-    /// AE-SAM moving statistics.
-    AeSam(AeSamState),
-    /// vSAM window, quota and histories.
-    Variation(VariationState),
-    /// Trend gate: rate, credit and log-ratio level.
-    Trend(TrendState),
+pub enum Rule {
+    /// Every step is a SAM step.
+    Always,
+    /// No step is a SAM step.
+    Never,
+    /// A SAM step every `k` steps.
+    Periodic {
+        /// Period in steps.
+        k: usize,
+    },
+    /// A SAM step with probability `p`.
+    Bernoulli {
+        /// Probability of a SAM step.
+        p: f64,
+    },
+    /// AE-SAM and its moving statistics.
+    AeSam(AeSamConfig, AeSamState),
+    /// The vSAM rule and its window, quota and histories.
+    Variation(VariationConfig, VariationState),
+    /// The trend gate and its rate, credit and log-ratio level.
+    Trend(TrendConfig, TrendState),
 }
 
-/// The complete, serializable state of a [`Gate`], RNG included.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct GateState {
-    /// Policy-specific state.
-    pub policy: PolicyState,
-    /// The random generator behind Bernoulli draws, at its current position.
-    pub rng: ChaCha8Rng,
-    /// Steps decided so far.
-    pub steps: u64,
-    /// Of those, steps decided as SAM steps.
-    pub sam_steps: u64,
+impl Rule {
+    fn fresh(policy: GatePolicy) -> Self {
+        match policy {
+            GatePolicy::Always => Self::Always,
+            GatePolicy::Never => Self::Never,
+            GatePolicy::Periodic { k } => Self::Periodic { k },
+            GatePolicy::Bernoulli { p } => Self::Bernoulli { p },
+            GatePolicy::AeSam(config) => Self::AeSam(config, AeSamState::default()),
+            GatePolicy::Variation(config) => {
+                let state = VariationState::new(&config);
+                Self::Variation(config, state)
+            }
+            GatePolicy::Trend(config) => {
+                let state = TrendState::new(&config);
+                Self::Trend(config, state)
+            }
+        }
+    }
+
+    /// The run's `policy` with the state of this (saved) rule; `None` when the kinds differ.
+    fn with_policy(self, policy: GatePolicy) -> Option<Self> {
+        Some(match (policy, self) {
+            (GatePolicy::Always, Self::Always) => Self::Always,
+            (GatePolicy::Never, Self::Never) => Self::Never,
+            (GatePolicy::Periodic { k }, Self::Periodic { .. }) => Self::Periodic { k },
+            (GatePolicy::Bernoulli { p }, Self::Bernoulli { .. }) => Self::Bernoulli { p },
+            (GatePolicy::AeSam(config), Self::AeSam(_, state)) => Self::AeSam(config, state),
+            (GatePolicy::Variation(config), Self::Variation(_, state)) => Self::Variation(config, state),
+            (GatePolicy::Trend(config), Self::Trend(_, state)) => Self::Trend(config, state),
+            _ => return None,
+        })
+    }
+
+    /// Whether the state could have come from a gate with this configuration.
+    fn is_consistent(&self) -> bool {
+        match self {
+            Self::AeSam(_, state) => state.is_consistent(),
+            Self::Variation(config, state) => state.is_consistent(config),
+            Self::Trend(config, state) => state.is_consistent(config),
+            Self::Always | Self::Never | Self::Periodic { .. } | Self::Bernoulli { .. } => true,
+        }
+    }
+
+    /// The configuration alone.
+    pub fn policy(&self) -> GatePolicy {
+        match self {
+            Self::Always => GatePolicy::Always,
+            Self::Never => GatePolicy::Never,
+            Self::Periodic { k } => GatePolicy::Periodic { k: *k },
+            Self::Bernoulli { p } => GatePolicy::Bernoulli { p: *p },
+            Self::AeSam(config, _) => GatePolicy::AeSam(config.clone()),
+            Self::Variation(config, _) => GatePolicy::Variation(config.clone()),
+            Self::Trend(config, _) => GatePolicy::Trend(config.clone()),
+        }
+    }
 }
 
-/// A gating policy at run time: decides each step, learns from finished steps.
-#[derive(Clone, Debug)]
+/// A gating policy at run time: decides each step, learns from finished steps. The whole value
+/// (rule, state, RNG position, counts) is serializable, so a run resumes exactly.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Gate {
-    policy: GatePolicy,
-    state: GateState,
+    rule: Rule,
+    /// The random generator behind Bernoulli draws, at its current position.
+    rng: ChaCha8Rng,
+    steps: u64,
+    sam_steps: u64,
 }
 
 impl Gate {
     /// Builds a gate; `seed` fixes every random draw it will make.
     pub fn new(policy: GatePolicy, seed: u64) -> Result<Self> {
         policy.validate()?;
-        let policy_state = match &policy {
-            GatePolicy::AeSam(_) => PolicyState::AeSam(AeSamState::default()),
-            GatePolicy::Variation(config) => PolicyState::Variation(VariationState::new(config)),
-            GatePolicy::Trend(config) => PolicyState::Trend(TrendState::new(config)),
-            _ => PolicyState::Stateless,
-        };
-        Ok(Self {
-            state: GateState {
-                policy: policy_state,
-                rng: ChaCha8Rng::seed_from_u64(seed),
-                steps: 0,
-                sam_steps: 0,
-            },
-            policy,
-        })
+        Ok(Self { rule: Rule::fresh(policy), rng: ChaCha8Rng::seed_from_u64(seed), steps: 0, sam_steps: 0 })
     }
 
-    /// Rebuilds a gate from a saved state; fails when the state belongs to another policy.
-    pub fn from_state(policy: GatePolicy, state: GateState) -> Result<Self> {
+    /// Continues a saved gate under the run's `policy`: the same kind of policy, its fields taken
+    /// from `policy`, the state from `saved`. Fails when the kinds differ or the state is out of
+    /// range for `policy` (non-finite statistics, a quota or rate outside its bounds, histories
+    /// that do not fit the window).
+    pub fn resume(policy: GatePolicy, saved: Gate) -> Result<Self> {
         policy.validate()?;
-        let matches = matches!(
-            (&policy, &state.policy),
-            (GatePolicy::AeSam(_), PolicyState::AeSam(_))
-                | (GatePolicy::Variation(_), PolicyState::Variation(_))
-                | (GatePolicy::Trend(_), PolicyState::Trend(_))
-                | (
-                    GatePolicy::Always | GatePolicy::Never | GatePolicy::Periodic { .. } | GatePolicy::Bernoulli { .. },
-                    PolicyState::Stateless
-                )
-        );
-        if !matches {
+        let name = policy.name();
+        let saved_name = saved.rule.policy().name();
+        let rule = saved.rule.with_policy(policy).ok_or_else(|| {
+            SamError::RecordMismatch(format!(
+                "the record was saved with gate policy `{saved_name}`, this run uses `{name}`"
+            ))
+        })?;
+        if !rule.is_consistent() {
             return Err(SamError::RecordMismatch(format!(
-                "gate state {:?} does not belong to policy `{}`",
-                state_kind(&state.policy),
-                policy.name()
+                "the `{name}` gate state is out of range for this configuration (non-finite statistics, a \
+                 quota or rate outside its bounds, or histories that do not fit the window)"
             )));
         }
-        let consistent = match (&policy, &state.policy) {
-            (GatePolicy::Variation(config), PolicyState::Variation(variation)) => variation.is_consistent(config),
-            (GatePolicy::AeSam(_), PolicyState::AeSam(ae)) => ae.is_consistent(),
-            (GatePolicy::Trend(config), PolicyState::Trend(trend)) => trend.is_consistent(config),
-            _ => true,
-        };
-        if !consistent {
-            return Err(SamError::RecordMismatch(format!(
-                "the `{}` gate state is out of range for this configuration (non-finite statistics, a \
-                 quota or rate outside its bounds, or histories that do not fit the window)",
-                policy.name()
-            )));
-        }
-        Ok(Self { policy, state })
+        Ok(Self { rule, ..saved })
     }
 
     /// Decides whether the coming step runs the second pass. Call exactly once per step.
     pub fn decide(&mut self) -> bool {
-        let state = &mut self.state;
-        let sam = match (&self.policy, &mut state.policy) {
-            (GatePolicy::Always, _) => true,
-            (GatePolicy::Never, _) => false,
-            (GatePolicy::Periodic { k }, _) => state.steps.is_multiple_of(*k as u64),
-            (GatePolicy::Bernoulli { p }, _) => state.rng.random::<f64>() < *p,
-            (GatePolicy::AeSam(config), PolicyState::AeSam(ae)) => ae.decide(config),
-            (GatePolicy::Variation(config), PolicyState::Variation(variation)) => {
-                variation.decide(config, &mut state.rng)
-            }
-            (GatePolicy::Trend(config), PolicyState::Trend(trend)) => trend.decide(config),
-            _ => unreachable!("policy and state kinds are checked at construction"),
+        let sam = match &mut self.rule {
+            Rule::Always => true,
+            Rule::Never => false,
+            Rule::Periodic { k } => self.steps.is_multiple_of(*k as u64),
+            Rule::Bernoulli { p } => self.rng.random::<f64>() < *p,
+            Rule::AeSam(config, state) => state.decide(config),
+            Rule::Variation(config, state) => state.decide(config, &mut self.rng),
+            Rule::Trend(config, state) => state.decide(config),
         };
-        state.steps = state.steps.saturating_add(1);
+        self.steps = self.steps.saturating_add(1);
         if sam {
-            state.sam_steps = state.sam_steps.saturating_add(1);
+            self.sam_steps = self.sam_steps.saturating_add(1);
         }
         sam
     }
@@ -220,9 +249,9 @@ impl Gate {
         if !stats.is_valid() {
             return false;
         }
-        match (&self.policy, &mut self.state.policy) {
-            (GatePolicy::Variation(config), PolicyState::Variation(variation)) => variation.observe(config, stats),
-            (GatePolicy::Trend(config), PolicyState::Trend(trend)) => trend.observe(config, stats),
+        match &mut self.rule {
+            Rule::Variation(config, state) => state.observe(config, stats),
+            Rule::Trend(config, state) => state.observe(config, stats),
             _ => {}
         }
         true
@@ -230,46 +259,36 @@ impl Gate {
 
     /// Tells the gate ‖g‖² of a finished step (any kind). Non-finite values are ignored.
     pub fn observe_grad_norm_sq(&mut self, grad_norm_sq: f64) {
-        if let (GatePolicy::AeSam(config), PolicyState::AeSam(ae)) = (&self.policy, &mut self.state.policy) {
-            ae.observe(config, grad_norm_sq);
+        if let Rule::AeSam(config, state) = &mut self.rule {
+            state.observe(config, grad_norm_sq);
         }
     }
 
     /// Whether [`observe_grad_norm_sq`](Self::observe_grad_norm_sq) influences decisions, i.e.
     /// whether the engine must read ‖g‖² back from the device.
     pub fn wants_grad_norm(&self) -> bool {
-        matches!(self.policy, GatePolicy::AeSam(_))
+        matches!(self.rule, Rule::AeSam(..))
     }
 
-    /// Whether [`observe_sam`](Self::observe_sam) influences decisions.
-    pub fn wants_psf_stats(&self) -> bool {
-        matches!(self.policy, GatePolicy::Variation(_) | GatePolicy::Trend(_))
-    }
-
-    /// The policy this gate runs.
-    pub fn policy(&self) -> &GatePolicy {
-        &self.policy
-    }
-
-    /// The current state, for saving.
-    pub fn state(&self) -> &GateState {
-        &self.state
+    /// The rule this gate runs, with its state.
+    pub fn rule(&self) -> &Rule {
+        &self.rule
     }
 
     /// Steps decided so far.
     pub fn steps(&self) -> u64 {
-        self.state.steps
+        self.steps
     }
 
     /// Steps decided as SAM steps so far.
     pub fn sam_steps(&self) -> u64 {
-        self.state.sam_steps
+        self.sam_steps
     }
 
     /// The vSAM quota s (SAM steps per window), for the variation policy.
     pub fn quota(&self) -> Option<f64> {
-        match &self.state.policy {
-            PolicyState::Variation(variation) => Some(variation.quota),
+        match &self.rule {
+            Rule::Variation(_, state) => Some(state.quota),
             _ => None,
         }
     }
@@ -277,31 +296,20 @@ impl Gate {
     /// The fraction of SAM steps the gate currently aims at: s/K for the variation gate, the
     /// rate for the trend gate, `None` for the others.
     pub fn target_fraction(&self) -> Option<f64> {
-        match (&self.policy, &self.state.policy) {
-            (GatePolicy::Variation(config), PolicyState::Variation(variation)) => {
-                Some(variation.quota.floor() / config.window as f64)
-            }
-            (_, PolicyState::Trend(trend)) => Some(trend.rate),
+        match &self.rule {
+            Rule::Variation(config, state) => Some(state.quota.floor() / config.window as f64),
+            Rule::Trend(_, state) => Some(state.rate),
             _ => None,
         }
     }
 
     /// Whether the vSAM or trend gate is still in its all-SAM warm-up.
     pub fn in_warmup(&self) -> bool {
-        match &self.state.policy {
-            PolicyState::Variation(v) => v.in_warmup(),
-            PolicyState::Trend(p) => p.in_warmup(),
+        match &self.rule {
+            Rule::Variation(_, state) => state.in_warmup(),
+            Rule::Trend(_, state) => state.in_warmup(),
             _ => false,
         }
-    }
-}
-
-fn state_kind(state: &PolicyState) -> &'static str {
-    match state {
-        PolicyState::Stateless => "stateless",
-        PolicyState::AeSam(_) => "ae-sam",
-        PolicyState::Variation(_) => "variation",
-        PolicyState::Trend(_) => "trend",
     }
 }
 
@@ -393,12 +401,12 @@ mod tests {
                 .collect()
         };
         drive(&mut gate, 300);
-        let json = serde_json::to_string(gate.state()).unwrap();
-        let mut restored = Gate::from_state(policy, serde_json::from_str(&json).unwrap()).unwrap();
+        let json = serde_json::to_string(&gate).unwrap();
+        let mut restored = Gate::resume(policy, serde_json::from_str(&json).unwrap()).unwrap();
         let a = drive(&mut gate, 500);
         let b = drive(&mut restored, 500);
         assert_eq!(a, b);
-        assert_eq!(gate.state(), restored.state());
+        assert_eq!(gate, restored);
     }
 
     #[test]
@@ -411,8 +419,8 @@ mod tests {
                 gate.observe_sam(PsfStats { psf_norm: 1.0, ratio: 0.5 });
             }
         }
-        let good = gate.state().clone();
-        assert!(Gate::from_state(policy.clone(), good.clone()).is_ok());
+        let good = gate.clone();
+        assert!(Gate::resume(policy.clone(), good.clone()).is_ok());
         type Edit = (&'static str, Box<dyn Fn(&mut VariationState)>);
         let edits: Vec<Edit> = vec![
             ("NaN quota", Box::new(|v| v.quota = f64::NAN)),
@@ -421,17 +429,20 @@ mod tests {
             ("probability", Box::new(|v| v.probability = 2.0)),
             ("taken", Box::new(|v| v.taken = i64::MIN)),
             ("iteration", Box::new(|v| v.iteration = u64::MAX)),
-            ("history length", Box::new(|v| {
-                v.ratios.pop_back();
-            })),
+            (
+                "history length",
+                Box::new(|v| {
+                    v.ratios.pop_back();
+                }),
+            ),
             ("infinite history", Box::new(|v| v.psf_norms[3] = f64::INFINITY)),
             ("negative variance", Box::new(|v| v.variances.push(-1.0))),
         ];
         for (what, edit) in edits {
             let mut state = good.clone();
-            let PolicyState::Variation(variation) = &mut state.policy else { unreachable!() };
+            let Rule::Variation(_, variation) = &mut state.rule else { panic!("a variation gate") };
             edit(variation);
-            let err = Gate::from_state(policy.clone(), state).unwrap_err();
+            let err = Gate::resume(policy.clone(), state).unwrap_err();
             assert!(matches!(err, SamError::RecordMismatch(_)), "{what}: {err}");
         }
 
@@ -442,8 +453,8 @@ mod tests {
                 gate.observe_sam(PsfStats { psf_norm: 1.0, ratio: 0.5 });
             }
         }
-        let good = gate.state().clone();
-        assert!(Gate::from_state(trend.clone(), good.clone()).is_ok());
+        let good = gate.clone();
+        assert!(Gate::resume(trend.clone(), good.clone()).is_ok());
         type TrendEdit = (&'static str, Box<dyn Fn(&mut TrendState)>);
         let edits: Vec<TrendEdit> = vec![
             ("credit", Box::new(|p| p.credit = 1.0)),
@@ -455,21 +466,21 @@ mod tests {
         ];
         for (what, edit) in edits {
             let mut state = good.clone();
-            let PolicyState::Trend(trend_state) = &mut state.policy else { unreachable!() };
+            let Rule::Trend(_, trend_state) = &mut state.rule else { panic!("a trend gate") };
             edit(trend_state);
-            assert!(Gate::from_state(trend.clone(), state).is_err(), "{what}");
+            assert!(Gate::resume(trend.clone(), state).is_err(), "{what}");
         }
 
         let ae = GatePolicy::AeSam(AeSamConfig::new(10));
-        let mut state = Gate::new(ae.clone(), 0).unwrap().state().clone();
-        state.policy = PolicyState::AeSam(AeSamState { mean: Some(f64::NAN), ..AeSamState::default() });
-        assert!(Gate::from_state(ae, state).is_err());
+        let mut state = Gate::new(ae.clone(), 0).unwrap();
+        state.rule = Rule::AeSam(AeSamConfig::new(10), AeSamState { mean: Some(f64::NAN), ..AeSamState::default() });
+        assert!(Gate::resume(ae, state).is_err());
     }
 
     #[test]
     fn state_of_another_policy_is_refused() {
         let gate = Gate::new(GatePolicy::Always, 0).unwrap();
-        let err = Gate::from_state(GatePolicy::Variation(VariationConfig::new()), gate.state().clone()).unwrap_err();
+        let err = Gate::resume(GatePolicy::Variation(VariationConfig::new()), gate).unwrap_err();
         assert!(err.to_string().contains("variation"), "{err}");
     }
 

@@ -66,11 +66,7 @@ impl VariationConfig {
 
     pub(crate) fn validate(&self) -> Result<()> {
         if !(2..=MAX_WINDOW).contains(&self.window) {
-            return Err(SamError::invalid(
-                "policy.variation.window",
-                self.window,
-                "must be in [2, 1000000]",
-            ));
+            return Err(SamError::invalid("policy.variation.window", self.window, "must be in [2, 1000000]"));
         }
         if self.blocks == 0 || !self.window.is_multiple_of(self.blocks) {
             return Err(SamError::invalid(
@@ -87,11 +83,7 @@ impl VariationConfig {
             ));
         }
         if !(self.max_fraction > 0.0 && self.max_fraction <= 1.0) {
-            return Err(SamError::invalid(
-                "policy.variation.max_fraction",
-                self.max_fraction,
-                "must be in (0, 1]",
-            ));
+            return Err(SamError::invalid("policy.variation.max_fraction", self.max_fraction, "must be in (0, 1]"));
         }
         if self.max_quota() < 1.0 {
             return Err(SamError::invalid(
@@ -104,11 +96,7 @@ impl VariationConfig {
             return Err(SamError::invalid("policy.variation.alpha_ratio", self.alpha_ratio, "must be finite"));
         }
         if !self.alpha_variance.is_finite() {
-            return Err(SamError::invalid(
-                "policy.variation.alpha_variance",
-                self.alpha_variance,
-                "must be finite",
-            ));
+            return Err(SamError::invalid("policy.variation.alpha_variance", self.alpha_variance, "must be finite"));
         }
         if !(self.initial_quota >= 1.0 && self.initial_quota <= self.max_quota()) {
             return Err(SamError::invalid(
@@ -246,7 +234,7 @@ fn push_ring(ring: &mut VecDeque<f64>, value: f64, len: usize) {
 ///
 /// A `0/0` term counts as no change, `x/0` as ±∞ (then clipped), and a mean that is undefined
 /// (`+∞` and `-∞` together) counts as no change: the result is never NaN.
-pub fn mean_relative_change(values: impl IntoIterator<Item = f64>) -> f64 {
+pub(crate) fn mean_relative_change(values: impl IntoIterator<Item = f64>) -> f64 {
     let values: Vec<f64> = values.into_iter().collect();
     if values.len() < 2 {
         return 0.0;
@@ -275,7 +263,7 @@ pub fn mean_relative_change(values: impl IntoIterator<Item = f64>) -> f64 {
 
 /// Mean over `blocks` equal blocks of the ascending-sorted values of each block's unbiased
 /// variance.
-pub fn sorted_block_variance(values: impl IntoIterator<Item = f64>, blocks: usize) -> f64 {
+pub(crate) fn sorted_block_variance(values: impl IntoIterator<Item = f64>, blocks: usize) -> f64 {
     let mut sorted: Vec<f64> = values.into_iter().collect();
     sorted.sort_by(f64::total_cmp);
     let size = sorted.len() / blocks;
