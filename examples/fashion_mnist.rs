@@ -84,10 +84,7 @@ impl TrainStep for Classifier {
     type Output = SamOutput<ClassificationOutput>;
 
     fn step(&self, batch: FashionBatch) -> TrainOutput<Self::Output> {
-        self.sam.train_step(self, batch, |model, batch| {
-            let out = model.classify(batch);
-            (out.loss.clone(), out)
-        })
+        self.sam.train_step(self, batch, Classifier::classify)
     }
 
     burn_sam_sample::sam_optimize!(sam);

@@ -119,7 +119,7 @@ impl TrainStep for Net {
     type Output = SamOutput<ClassificationOutput>;
 
     fn step(&self, batch: Batch) -> TrainOutput<Self::Output> {
-        let out = self.sam.train_step(self, batch, |model, batch| {
+        let out = self.sam.train_step_with_loss(self, batch, |model, batch| {
             model.forward_calls.fetch_add(1, Ordering::SeqCst);
             let out = model.classify(batch);
             (out.loss.clone(), out)
@@ -145,7 +145,7 @@ fn base() -> ModuleOptimizer {
 }
 
 fn vsam() -> SamConfig {
-    let variation = VariationConfig::new().with_window(4).with_blocks(2).with_warmup_steps(3);
+    let variation = VariationConfig::new(3).with_window(4).with_blocks(2);
     SamConfig::new().with_policy(GatePolicy::Variation(variation)).with_seed(7)
 }
 
@@ -419,4 +419,15 @@ fn ddp_training(dir: &Path, devices: Vec<Device>) -> (SupervisedTraining<Net>, L
     };
     let training = training(dir, 1).with_training_strategy(ExecutionStrategy::ddp(devices, config).into());
     (training, Learner::new(model, base(), LR))
+}
+
+#[test]
+#[should_panic(expected = "autodiff device")]
+fn a_model_off_the_autodiff_device_is_told_what_to_change() {
+    let plain = device().inner();
+    let net = Net::new(&plain, &SamConfig::sam());
+    let (train, _) = loaders();
+    let batch = train.iter().next().unwrap().unwrap();
+    let batch = Batch { x: batch.x.to_device(&plain), y: batch.y.to_device(&plain) };
+    let _ = net.sam.train_step(&net, batch, Net::classify);
 }

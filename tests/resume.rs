@@ -11,7 +11,7 @@ fn base() -> ModuleOptimizer {
 }
 
 fn configs() -> Vec<(&'static str, SamConfig)> {
-    let variation = VariationConfig::new().with_window(10).with_blocks(2).with_warmup_steps(4);
+    let variation = VariationConfig::new(4).with_window(10).with_blocks(2);
     vec![
         ("vsam", SamConfig::new().with_policy(GatePolicy::Variation(variation)).with_seed(3)),
         (

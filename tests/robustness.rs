@@ -18,7 +18,7 @@ fn base() -> ModuleOptimizer {
 }
 
 fn small_vsam(seed: u64) -> SamConfig {
-    let variation = VariationConfig::new().with_window(6).with_blocks(2).with_warmup_steps(5);
+    let variation = VariationConfig::new(5).with_window(6).with_blocks(2);
     SamConfig::new().with_policy(GatePolicy::Variation(variation)).with_seed(seed)
 }
 
@@ -266,13 +266,12 @@ fn arbitrary_policy() -> impl Strategy<Value = GatePolicy> {
         )
             .prop_map(|((window, blocks, max_fraction), (ar, av, warmup, quota))| {
                 GatePolicy::Variation(
-                    VariationConfig::new()
+                    VariationConfig::new(warmup)
                         .with_window(window)
                         .with_blocks(blocks)
                         .with_max_fraction(max_fraction)
                         .with_alpha_ratio(ar)
                         .with_alpha_variance(av)
-                        .with_warmup_steps(warmup)
                         .with_initial_quota(quota),
                 )
             }),

@@ -69,7 +69,7 @@ impl SamConfig {
 
     /// vSAM with its defaults and the given all-SAM warm-up in steps.
     pub fn vsam(warmup_steps: usize) -> Self {
-        Self::new().with_policy(GatePolicy::Variation(VariationConfig::new().with_warmup_steps(warmup_steps)))
+        Self::new().with_policy(GatePolicy::Variation(VariationConfig::new(warmup_steps)))
     }
 
     /// vSAM-trend, an opt-in variant of vSAM: SAM steps placed evenly at 15 % of the steps, more

@@ -13,6 +13,7 @@
 //! See `docs/learner.md` for the integration, the multi-device semantics and checkpointing.
 
 mod checkpoint;
+mod loss;
 mod metrics;
 mod output;
 
@@ -20,6 +21,7 @@ pub use checkpoint::{verify_checkpoint, SamCheckpointer, SamCheckpointing, SamTr
 pub use metrics::{
     GradientPassesMetric, PsfRatioMetric, SamFractionMetric, SamQuotaMetric, SamStepInfo, SamTargetMetric,
 };
+pub use loss::HasLoss;
 pub use output::SamOutput;
 
 use std::collections::BTreeMap;
@@ -44,7 +46,9 @@ use crate::telemetry::StepTelemetry;
 /// impl TrainStep for Model {
 ///     type Input = Batch;
 ///     type Output = SamOutput<ClassificationOutput>;
-///     fn step(&self, batch: Batch) -> TrainOutput<Self::Output> { /* self.sam.train_step(..) */ }
+///     fn step(&self, batch: Batch) -> TrainOutput<Self::Output> {
+///         self.sam.train_step(self, batch, Model::forward_classification)
+///     }
 ///     burn_sam_sample::sam_optimize!(sam);
 /// }
 /// ```
@@ -158,24 +162,58 @@ impl SamHandle {
     /// One train step: pass 1, the gate, pass 2 on the perturbed clone on SAM steps, the reuse
     /// rule on cheap steps. Returns the direction as the gradients for the Learner's optimizer.
     ///
-    /// `forward` runs forward + loss on the module it is given and returns the scalar loss and the
-    /// item for the metrics; it is called on `model`, and on SAM steps a second time on the
-    /// perturbed copy (that output is dropped). `input` is cloned for the second call.
+    /// `forward` runs forward + loss on the module it is given and returns Burn's output (any
+    /// [`HasLoss`] type: `ClassificationOutput`, `RegressionOutput`, …), e.g.
+    /// `self.sam.train_step(self, batch, Model::forward_classification)`. It is called on
+    /// `model`, and on SAM steps a second time on the perturbed copy (that output is dropped).
+    /// `input` is cloned for the second call. For another output type, use
+    /// [`train_step_with_loss`](Self::train_step_with_loss).
     ///
     /// # Panics
     ///
-    /// - When a checkpoint restored by [`SamCheckpointer`] does not fit `model` (missing
-    ///   parameter ids or other shapes); the message names the first mismatch.
-    /// - When more train steps than [`with_max_steps_per_round`](Self::with_max_steps_per_round)
+    /// `TrainStep::step` cannot return an error, so these are panics with a message that says
+    /// what to change:
+    /// - when the loss is not tracked by autodiff: the model must live on an autodiff device
+    ///   (`device.autodiff()`);
+    /// - when a checkpoint restored by [`SamCheckpointer`] does not fit `model` (missing
+    ///   parameter ids or other shapes); the message names the first mismatch;
+    /// - when more train steps than [`with_max_steps_per_round`](Self::with_max_steps_per_round)
     ///   run without [`optimize`](Self::optimize): `TrainStep::optimize` is not wired, and every
     ///   step would silently share one gate decision.
     pub fn train_step<M, I, O, F>(&self, model: &M, input: I, mut forward: F) -> TrainOutput<SamOutput<O>>
     where
         M: Module,
         I: Clone,
+        O: HasLoss,
+        F: FnMut(&M, I) -> O,
+    {
+        self.train_step_with_loss(model, input, |model, input| {
+            let output = forward(model, input);
+            (output.loss(), output)
+        })
+    }
+
+    /// [`train_step`](Self::train_step) for any output: `forward` returns the scalar loss and
+    /// the item for the metrics.
+    ///
+    /// # Panics
+    ///
+    /// As [`train_step`](Self::train_step).
+    pub fn train_step_with_loss<M, I, O, F>(&self, model: &M, input: I, mut forward: F) -> TrainOutput<SamOutput<O>>
+    where
+        M: Module,
+        I: Clone,
         F: FnMut(&M, I) -> (Tensor<1>, O),
     {
         let (loss, output) = forward(model, input.clone());
+        // Documented panic (`TrainStep::step` returns no `Result`): without it, `backward` would
+        // panic with a message that does not say what to change.
+        assert!(
+            loss.is_tracked(),
+            "SamHandle::train_step: the loss is not tracked by autodiff. Build the model on an \
+             autodiff device (`device.autodiff()`, e.g. `Device::flex().autodiff()`) before giving \
+             it to the Learner; see docs/learner.md"
+        );
         let grads = GradientsParams::from_grads(loss.backward(), model);
         let device = model.devices().into_iter().next();
         {

@@ -51,7 +51,7 @@ pub enum GatePolicy {
 
 impl Default for GatePolicy {
     fn default() -> Self {
-        Self::Variation(VariationConfig::new())
+        Self::Variation(VariationConfig::new(VariationConfig::AUTHORS_WARMUP_STEPS))
     }
 }
 
@@ -349,17 +349,48 @@ mod tests {
             (GatePolicy::AeSam(AeSamConfig::new(0)), "policy.ae_sam.total_steps"),
             (GatePolicy::AeSam(AeSamConfig::new(5).with_delta(1.0)), "policy.ae_sam.delta"),
             (GatePolicy::AeSam(AeSamConfig::new(5).with_c_end(f64::INFINITY)), "policy.ae_sam.c_end"),
-            (GatePolicy::Variation(VariationConfig::new().with_window(1)), "policy.variation.window"),
-            (GatePolicy::Variation(VariationConfig::new().with_blocks(7)), "policy.variation.blocks"),
-            (GatePolicy::Variation(VariationConfig::new().with_blocks(50)), "policy.variation.blocks"),
-            (GatePolicy::Variation(VariationConfig::new().with_max_fraction(1.5)), "policy.variation.max_fraction"),
-            (GatePolicy::Variation(VariationConfig::new().with_max_fraction(0.01)), "policy.variation.max_fraction"),
-            (GatePolicy::Variation(VariationConfig::new().with_alpha_ratio(f64::NAN)), "policy.variation.alpha_ratio"),
             (
-                GatePolicy::Variation(VariationConfig::new().with_alpha_variance(f64::NEG_INFINITY)),
+                GatePolicy::Variation(VariationConfig::new(VariationConfig::AUTHORS_WARMUP_STEPS).with_window(1)),
+                "policy.variation.window",
+            ),
+            (
+                GatePolicy::Variation(VariationConfig::new(VariationConfig::AUTHORS_WARMUP_STEPS).with_blocks(7)),
+                "policy.variation.blocks",
+            ),
+            (
+                GatePolicy::Variation(VariationConfig::new(VariationConfig::AUTHORS_WARMUP_STEPS).with_blocks(50)),
+                "policy.variation.blocks",
+            ),
+            (
+                GatePolicy::Variation(
+                    VariationConfig::new(VariationConfig::AUTHORS_WARMUP_STEPS).with_max_fraction(1.5),
+                ),
+                "policy.variation.max_fraction",
+            ),
+            (
+                GatePolicy::Variation(
+                    VariationConfig::new(VariationConfig::AUTHORS_WARMUP_STEPS).with_max_fraction(0.01),
+                ),
+                "policy.variation.max_fraction",
+            ),
+            (
+                GatePolicy::Variation(
+                    VariationConfig::new(VariationConfig::AUTHORS_WARMUP_STEPS).with_alpha_ratio(f64::NAN),
+                ),
+                "policy.variation.alpha_ratio",
+            ),
+            (
+                GatePolicy::Variation(
+                    VariationConfig::new(VariationConfig::AUTHORS_WARMUP_STEPS).with_alpha_variance(f64::NEG_INFINITY),
+                ),
                 "policy.variation.alpha_variance",
             ),
-            (GatePolicy::Variation(VariationConfig::new().with_initial_quota(0.5)), "policy.variation.initial_quota"),
+            (
+                GatePolicy::Variation(
+                    VariationConfig::new(VariationConfig::AUTHORS_WARMUP_STEPS).with_initial_quota(0.5),
+                ),
+                "policy.variation.initial_quota",
+            ),
             (GatePolicy::Trend(TrendConfig::new().with_base_fraction(0.9)), "policy.trend.base_fraction"),
             (GatePolicy::Trend(TrendConfig::new().with_base_fraction(f64::NAN)), "policy.trend.base_fraction"),
             (GatePolicy::Trend(TrendConfig::new().with_min_fraction(0.0)), "policy.trend.min_fraction"),
@@ -379,7 +410,7 @@ mod tests {
     #[test]
     fn state_round_trips_through_json_and_continues_identically() {
         for policy in [
-            GatePolicy::Variation(VariationConfig::new().with_warmup_steps(20)),
+            GatePolicy::Variation(VariationConfig::new(20)),
             GatePolicy::Trend(TrendConfig::new().with_warmup_steps(20)),
         ] {
             round_trip_and_continue(policy);
@@ -411,7 +442,7 @@ mod tests {
 
     #[test]
     fn out_of_range_restored_states_are_refused() {
-        let config = VariationConfig::new().with_warmup_steps(3);
+        let config = VariationConfig::new(3);
         let policy = GatePolicy::Variation(config.clone());
         let mut gate = Gate::new(policy.clone(), 1).unwrap();
         for _ in 0..10 {
@@ -480,7 +511,9 @@ mod tests {
     #[test]
     fn state_of_another_policy_is_refused() {
         let gate = Gate::new(GatePolicy::Always, 0).unwrap();
-        let err = Gate::resume(GatePolicy::Variation(VariationConfig::new()), gate).unwrap_err();
+        let err =
+            Gate::resume(GatePolicy::Variation(VariationConfig::new(VariationConfig::AUTHORS_WARMUP_STEPS)), gate)
+                .unwrap_err();
         assert!(err.to_string().contains("variation"), "{err}");
     }
 
@@ -492,7 +525,7 @@ mod tests {
             stats in proptest::collection::vec((0.0f64..1e3, 0.0f64..10.0), 1..200),
             zeros in any::<bool>(),
         ) {
-            let config = VariationConfig::new().with_warmup_steps(50);
+            let config = VariationConfig::new(50);
             let mut gate = Gate::new(GatePolicy::Variation(config.clone()), seed).unwrap();
             let mut sample = 0usize;
             let mut window_count = 0usize;

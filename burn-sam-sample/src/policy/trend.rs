@@ -234,7 +234,7 @@ mod tests {
     fn the_authors_rule_drifts_on_the_same_noise() {
         // The contrast that motivates this gate: the same stationary statistics push vSAM's
         // quota from 1 to far above it (its mean relative change is biased by e^{σ²} − 1).
-        let config = VariationConfig::new().with_warmup_steps(50);
+        let config = VariationConfig::new(50);
         let mut state = VariationState::new(&config);
         let mut rng = ChaCha8Rng::seed_from_u64(5);
         let mut draws = ChaCha8Rng::seed_from_u64(6);

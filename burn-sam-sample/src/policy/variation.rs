@@ -43,10 +43,9 @@ pub struct VariationConfig {
     /// Gain α_v on the mean relative change of the block variance of ‖PSF‖ (default: 0.13).
     #[config(default = 0.13)]
     pub alpha_variance: f64,
-    /// Number of all-SAM warm-up steps before the windows start (default: 1173, the authors'
-    /// 3 epochs of CIFAR at batch size 128). Scale it to your run, see
-    /// [`VariationConfig::with_warmup_epochs`].
-    #[config(default = 1173)]
+    /// Number of all-SAM warm-up steps before the windows start; required, because it must be
+    /// scaled to the run (the authors use 3 epochs: [`Self::AUTHORS_WARMUP_STEPS`] at CIFAR's
+    /// 391 steps per epoch). See [`VariationConfig::with_warmup_epochs`].
     pub warmup_steps: usize,
     /// Initial quota s₀ of SAM steps per window (default: 1).
     #[config(default = 1.0)]
@@ -54,9 +53,17 @@ pub struct VariationConfig {
 }
 
 impl VariationConfig {
+    /// The authors' warm-up: 3 epochs of CIFAR at batch size 128 (1173 steps).
+    pub const AUTHORS_WARMUP_STEPS: usize = 1173;
+
     /// Sets the warm-up to `epochs` full epochs of `steps_per_epoch` steps each.
     pub fn with_warmup_epochs(self, epochs: usize, steps_per_epoch: usize) -> Self {
         self.with_warmup_steps(epochs.saturating_mul(steps_per_epoch))
+    }
+
+    /// Sets the warm-up to `steps` steps.
+    pub fn with_warmup_steps(self, steps: usize) -> Self {
+        Self { warmup_steps: steps, ..self }
     }
 
     /// Largest quota a window can hold, `floor(max_fraction·K)`.
@@ -288,7 +295,7 @@ mod tests {
     use rand_chacha::ChaCha8Rng;
 
     fn config(warmup: usize) -> VariationConfig {
-        VariationConfig::new().with_warmup_steps(warmup)
+        VariationConfig::new(warmup)
     }
 
     #[test]
