@@ -35,11 +35,6 @@ struct Args {
     artifact_dir: PathBuf,
 }
 
-fn evaluate(model: &Cnn, loader: &dyn DataLoader<FashionBatch>) -> Result<f64, Box<dyn std::error::Error>> {
-    let batches = loader.iter().collect::<Result<Vec<_>, _>>()?;
-    Ok(burn_sam_sample_examples::evaluate(model, &batches))
-}
-
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
     match train(Args::parse()) {
@@ -101,7 +96,7 @@ fn train(Args { train: args, artifact_dir }: Args) -> Result<(), Box<dyn std::er
                 ));
             }
         }
-        let accuracy = evaluate(&model, test_loader.as_ref())?;
+        let accuracy = evaluate_loader(&model, test_loader.as_ref())?;
         bar.println(format!("epoch {epoch}: test accuracy {:.2}%", accuracy * 100.0));
         // Model and optimizer state together allow an exact restart from this point.
         model.clone().save_file(artifact_dir.join(format!("model-{epoch}.bpk")))?;
@@ -112,7 +107,7 @@ fn train(Args { train: args, artifact_dir }: Args) -> Result<(), Box<dyn std::er
     println!(
         "method {} | test accuracy {:.2}% | SAM fraction {:.3} | gradient passes/step {:.3} | steps {} | time {:.1} s",
         args.method.name(),
-        evaluate(&model, test_loader.as_ref())? * 100.0,
+        evaluate_loader(&model, test_loader.as_ref())? * 100.0,
         t.sam_fraction,
         t.passes_per_step(),
         t.step,

@@ -31,7 +31,7 @@ use burn_sam_sample::learner::{
     SamTargetMetric, SamTrainingExt,
 };
 use burn_sam_sample_examples::cli::{parse, TrainArgs};
-use burn_sam_sample_examples::correct;
+use burn_sam_sample_examples::evaluate_loader;
 use burn_sam_sample_examples::fashion::{subset, FashionBatch, FashionBatcher, FashionMnist, Fetch};
 use burn_sam_sample_examples::methods::Method;
 use burn_sam_sample_examples::model::{Cnn, CnnConfig};
@@ -187,14 +187,7 @@ fn train(options: Args) -> Result<(), Box<dyn std::error::Error>> {
         return Err(format!("training failed: {error}").into());
     }
 
-    let model = result.model;
-    let (mut right, mut total) = (0i64, 0usize);
-    for batch in test_loader.to_device(&device).iter() {
-        let batch = batch?;
-        total += batch.targets.dims()[0];
-        right += correct(model.net.forward(batch.images), batch.targets);
-    }
-    let accuracy = right as f64 / total.max(1) as f64;
+    let accuracy = evaluate_loader(&result.model.net, test_loader.to_device(&device).as_ref())?;
     let telemetry = sam.telemetry();
     println!(
         "method {} | test accuracy {:.2}% | SAM fraction {:.3} | gradient passes/step {:.3} | steps {} | \

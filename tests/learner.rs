@@ -22,7 +22,7 @@ use burn::train::{
     TrainStep,
 };
 use burn_sam_sample::learner::{
-    verify_checkpoint, GradientPassesMetric, PsfRatioMetric, SamFractionMetric, SamHandle, SamOutput, SamQuotaMetric,
+    latest_checkpoint, verify_checkpoint, GradientPassesMetric, PsfRatioMetric, SamFractionMetric, SamHandle, SamOutput, SamQuotaMetric,
     SamTargetMetric, SamTrainingExt,
 };
 use burn_sam_sample::policy::{GatePolicy, VariationConfig};
@@ -430,4 +430,42 @@ fn a_model_off_the_autodiff_device_is_told_what_to_change() {
     let batch = train.iter().next().unwrap().unwrap();
     let batch = Batch { x: batch.x.to_device(&plain), y: batch.y.to_device(&plain) };
     let _ = net.sam.train_step(&net, batch, Net::classify);
+}
+
+#[test]
+fn checkpoint_sets_are_sealed_and_incomplete_or_damaged_ones_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let folder = dir.path().join("checkpoint");
+    std::fs::create_dir_all(&folder).unwrap();
+    std::fs::write(folder.join("model-9.bpk.4242-0.tmp"), "left by a killed run").unwrap();
+    let model = Net::new(&device(), &vsam());
+    let handle = model.sam.clone();
+    let result = training(dir.path(), 3)
+        .with_sam_checkpointing(dir.path(), &handle, KeepLastNCheckpoints::new(2))
+        .launch(Learner::new(model, base(), LR));
+    assert!(result.error.is_none(), "{:?}", result.error);
+    assert!(!folder.join("model-9.bpk.4242-0.tmp").exists(), "stale temporary files are removed");
+    // Kept: epochs 2 and 3, each sealed; epoch 1 was deleted with its manifest.
+    assert!(!folder.join("set-1.json").exists() && !folder.join("model-1.bpk").exists());
+    for epoch in [2, 3] {
+        verify_checkpoint(dir.path(), epoch, &vsam()).unwrap();
+    }
+    assert_eq!(latest_checkpoint(dir.path()).unwrap(), Some(3));
+
+    // A run killed after writing the files of epoch 3 but before sealing them.
+    std::fs::remove_file(folder.join("set-3.json")).unwrap();
+    let err = verify_checkpoint(dir.path(), 3, &vsam()).unwrap_err().to_string();
+    assert!(err.contains("incomplete"), "{err}");
+    assert_eq!(latest_checkpoint(dir.path()).unwrap(), Some(2));
+
+    // 4 KiB of the model file overwritten after the fact: detected before anything is loaded.
+    let model_file = folder.join("model-2.bpk");
+    let mut bytes = std::fs::read(&model_file).unwrap();
+    let start = bytes.len() / 2;
+    let end = (start + 4096).min(bytes.len());
+    bytes[start..end].fill(0xFF);
+    std::fs::write(&model_file, bytes).unwrap();
+    let err = verify_checkpoint(dir.path(), 2, &vsam()).unwrap_err().to_string();
+    assert!(err.contains("model-2.bpk is damaged"), "{err}");
+    assert_eq!(latest_checkpoint(dir.path()).unwrap(), None);
 }

@@ -26,6 +26,11 @@ pub enum SamError {
     #[error("corrupt record: {0}")]
     CorruptRecord(String),
 
+    /// A checkpoint set is incomplete, damaged or cannot be written; the message names the
+    /// directory, the epoch and the file.
+    #[error("{0}")]
+    Checkpoint(String),
+
     /// Reading or writing a record failed at the burnpack layer.
     #[error("record I/O: {0}")]
     Record(#[from] RecordError),

@@ -19,6 +19,7 @@
 //! Start with [`SamConfig`].
 
 pub mod backend;
+pub mod checkpoint;
 mod config;
 mod container;
 mod engine;

@@ -47,6 +47,15 @@ pub fn evaluate(model: &model::Cnn, batches: &[fashion::FashionBatch]) -> f64 {
     right as f64 / total.max(1) as f64
 }
 
+/// [`evaluate`] over the batches of a data loader.
+pub fn evaluate_loader(
+    model: &model::Cnn,
+    loader: &dyn burn::data::dataloader::DataLoader<fashion::FashionBatch>,
+) -> Result<f64, burn::data::dataset::DatasetError> {
+    let batches = loader.iter().collect::<Result<Vec<_>, _>>()?;
+    Ok(evaluate(model, &batches))
+}
+
 /// Fraction of rows of `logits` whose arg-max equals `labels`.
 pub fn accuracy(logits: Tensor<2>, labels: Tensor<1, Int>) -> f64 {
     let n = labels.dims()[0];

@@ -1,20 +1,25 @@
-//! Learner checkpoints that carry the SAM state of the same moment.
+//! Learner checkpoints that carry the SAM state of the same moment, in crash-consistent sets.
 //!
-//! Burn takes a checkpoint's records on the training thread and writes them on a background
-//! thread. The SAM state is captured by [`SamCheckpointing`], a checkpointing strategy that Burn
-//! calls on the training thread at the moment of the checkpoint, and written by
-//! [`SamCheckpointer`] together with the optimizer record, in one file per epoch.
+//! Burn takes a checkpoint's records on the training thread and writes them on background
+//! threads, one per file. The SAM state is captured by [`SamCheckpointing`], a checkpointing
+//! strategy that Burn calls on the training thread at the moment of the checkpoint, and written by
+//! [`SamCheckpointer`] together with the optimizer record. Each of the three checkpointers reports
+//! its file to a shared tracker, which seals the epoch's set ([`CheckpointSet`]) once all three
+//! are on disk.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 use burn::optim::OptimizerRecord;
 use burn::train::checkpoint::{
-    Checkpointer, CheckpointerError, CheckpointingAction, CheckpointingStrategy, FileCheckpointer,
+    Checkpoint, Checkpointer, CheckpointerError, CheckpointingAction, CheckpointingStrategy, FileCheckpointer,
 };
 use burn::train::metric::store::EventStoreClient;
 use burn::train::{LearnerModel, SupervisedTraining};
 
 use super::SamHandle;
+use crate::checkpoint::CheckpointSet;
 use crate::config::SamConfig;
 use crate::error::SamError;
 use crate::optimizer::SamOptimizerRecord;
@@ -85,37 +90,95 @@ impl Checkpointer<OptimizerRecord> for SamCheckpointer {
     }
 }
 
+/// The files of one Learner checkpoint, in `directory/checkpoint`.
+const SET_FILES: [&str; 3] = ["model", "optim", "scheduler"];
+
+fn learner_set(directory: &Path) -> CheckpointSet {
+    CheckpointSet::new(directory.join("checkpoint"), &SET_FILES)
+}
+
 /// Checks, before training starts, that the checkpoint of `epoch` written under `directory` by
 /// [`with_sam_checkpointing`](SamTrainingExt::with_sam_checkpointing) can resume a run of
-/// `config`: the model, optimizer and scheduler files are there and not empty, the optimizer file
-/// passes its checksum, and its SAM state belongs to `config` (same gate and reuse rule, state in
-/// range). Burn's `SupervisedTraining::checkpoint(epoch)` panics on a missing or damaged file
-/// once training has started; call this first to get an error that says which file and why.
-///
-/// The model and scheduler files carry no checksum of their own: damage inside them that still
-/// parses is not detected here.
+/// `config`: its set is complete and sealed, the model, optimizer and scheduler files have the
+/// sizes and checksums its manifest records, and its SAM state belongs to `config` (same gate and
+/// reuse rule, state in range). Burn's `SupervisedTraining::checkpoint(epoch)` panics on a
+/// missing or damaged file once training has started; call this first to get an error that says
+/// which file and why.
 pub fn verify_checkpoint(directory: impl AsRef<Path>, epoch: usize, config: &SamConfig) -> crate::Result<()> {
-    let folder = directory.as_ref().join("checkpoint");
-    for name in ["model", "optim", "scheduler"] {
-        let path = folder.join(format!("{name}-{epoch}.bpk"));
-        match std::fs::metadata(&path) {
-            Ok(meta) if meta.is_file() && meta.len() > 0 => {}
-            Ok(_) => {
-                return Err(SamError::CorruptRecord(format!(
-                    "checkpoint {epoch}: {} is empty or not a file",
-                    path.display()
-                )))
-            }
-            Err(err) => return Err(SamError::CorruptRecord(format!("checkpoint {epoch}: {}: {err}", path.display()))),
-        }
-    }
-    let optim = folder.join(format!("optim-{epoch}.bpk"));
+    let set = learner_set(directory.as_ref());
+    set.verify(epoch)?;
+    let optim = set.file("optim", epoch);
     let record = SamOptimizerRecord::load(&optim)
         .map_err(|err| SamError::CorruptRecord(format!("checkpoint {epoch}: {}: {err}", optim.display())))?;
     record
         .engine
         .check_config(config)
         .map_err(|err| SamError::RecordMismatch(format!("checkpoint {epoch}: {}: {err}", optim.display())))
+}
+
+/// The newest checkpoint under `directory` (written by
+/// [`with_sam_checkpointing`](SamTrainingExt::with_sam_checkpointing)) whose set is complete and
+/// undamaged, for `--resume latest`; `None` when there is none. Incomplete or damaged sets are
+/// skipped with a warning.
+pub fn latest_checkpoint(directory: impl AsRef<Path>) -> crate::Result<Option<usize>> {
+    learner_set(directory.as_ref()).latest()
+}
+
+/// Seals an epoch's set once every file of it has been written.
+struct SetTracker {
+    set: CheckpointSet,
+    written: Mutex<HashMap<usize, Vec<&'static str>>>,
+}
+
+impl SetTracker {
+    fn written(&self, epoch: usize, name: &'static str) -> Result<(), CheckpointerError> {
+        let complete = {
+            let mut written = self.written.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            let names = written.entry(epoch).or_default();
+            if !names.contains(&name) {
+                names.push(name);
+            }
+            let complete = names.len() == SET_FILES.len();
+            if complete {
+                written.remove(&epoch);
+            }
+            complete
+        };
+        if complete {
+            self.set.seal(epoch).map_err(unknown)?;
+        }
+        Ok(())
+    }
+
+    fn deleting(&self, epoch: usize) -> Result<(), CheckpointerError> {
+        self.written.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).remove(&epoch);
+        self.set.unseal(epoch).map_err(unknown)
+    }
+}
+
+/// A checkpointer whose files belong to a sealed set.
+struct SetMember<C> {
+    inner: C,
+    name: &'static str,
+    tracker: Arc<SetTracker>,
+}
+
+impl<R: Checkpoint, C: Checkpointer<R>> Checkpointer<R> for SetMember<C> {
+    fn save(&self, epoch: usize, record: R) -> Result<(), CheckpointerError> {
+        self.inner.save(epoch, record)?;
+        self.tracker.written(epoch, self.name)
+    }
+
+    fn delete(&self, epoch: usize) -> Result<(), CheckpointerError> {
+        // The set stops counting before any of its files goes.
+        self.tracker.deleting(epoch)?;
+        self.inner.delete(epoch)
+    }
+
+    fn restore(&self, epoch: usize) -> Result<R, CheckpointerError> {
+        self.tracker.set.verify(epoch).map_err(unknown)?;
+        self.inner.restore(epoch)
+    }
 }
 
 impl SamHandle {
@@ -130,7 +193,10 @@ impl SamHandle {
 pub trait SamTrainingExt: Sized {
     /// Burn's default checkpoint files under `directory/checkpoint` (`model-N`, `optim-N`,
     /// `scheduler-N`), with the SAM state inside `optim-N.bpk`, taken at the moment `strategy`
-    /// saves. Resume with `SupervisedTraining::checkpoint(N)` as usual.
+    /// saves, and sealed as a set (`set-N.json`, see [`CheckpointSet`]) once all three are
+    /// written. Stale temporary files of a killed run are removed first. Resume with
+    /// [`verify_checkpoint`] then `SupervisedTraining::checkpoint(N)`, or find N with
+    /// [`latest_checkpoint`].
     fn with_sam_checkpointing<S>(self, directory: impl AsRef<Path>, handle: &SamHandle, strategy: S) -> Self
     where
         S: CheckpointingStrategy + 'static;
@@ -141,11 +207,25 @@ impl<M: LearnerModel> SamTrainingExt for SupervisedTraining<M> {
     where
         S: CheckpointingStrategy + 'static,
     {
-        let directory = directory.as_ref().join("checkpoint");
+        let set = learner_set(directory.as_ref());
+        if let Err(err) = set.remove_stale_temporaries() {
+            log::warn!("{err}");
+        }
+        let folder = set.directory().to_path_buf();
+        let tracker = Arc::new(SetTracker { set, written: Mutex::default() });
+        let member = |name: &'static str| SetMember {
+            inner: FileCheckpointer::new(&folder, name),
+            name,
+            tracker: tracker.clone(),
+        };
         self.with_custom_checkpointers(
-            FileCheckpointer::new(&directory, "model"),
-            SamCheckpointer::new(&directory, "optim", handle),
-            FileCheckpointer::new(&directory, "scheduler"),
+            member("model"),
+            SetMember {
+                inner: SamCheckpointer::new(&folder, "optim", handle),
+                name: "optim",
+                tracker: tracker.clone(),
+            },
+            member("scheduler"),
         )
         .with_checkpointing_strategy(handle.checkpointing(strategy))
     }

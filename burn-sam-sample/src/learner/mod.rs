@@ -17,11 +17,11 @@ mod loss;
 mod metrics;
 mod output;
 
-pub use checkpoint::{verify_checkpoint, SamCheckpointer, SamCheckpointing, SamTrainingExt};
+pub use checkpoint::{latest_checkpoint, verify_checkpoint, SamCheckpointer, SamCheckpointing, SamTrainingExt};
+pub use loss::HasLoss;
 pub use metrics::{
     GradientPassesMetric, PsfRatioMetric, SamFractionMetric, SamQuotaMetric, SamStepInfo, SamTargetMetric,
 };
-pub use loss::HasLoss;
 pub use output::SamOutput;
 
 use std::collections::BTreeMap;
