@@ -18,8 +18,12 @@ use burn::module::Module;
 use burn::nn::loss::CrossEntropyLossConfig;
 use burn::optim::{decay::WeightDecayConfig, momentum::MomentumConfig, SgdConfig};
 use burn_sam_sample::backend;
-use burn_sam_sample_examples::cli::TrainArgs;
-use burn_sam_sample_examples::fashion::{subset, FashionBatch, FashionBatcher, FashionMnist, Fetch};
+use burn_sam_sample::checkpoint::CheckpointSet;
+use burn_sam_sample::learner::EpochLoader;
+use burn_sam_sample::SamOptimizerRecord;
+use burn_sam_sample_examples::cli::{parse, Resume, TrainArgs};
+use burn_sam_sample_examples::evaluate_loader;
+use burn_sam_sample_examples::fashion::{subset, FashionBatcher, FashionMnist, Fetch};
 use burn_sam_sample_examples::methods::cosine_lr;
 use burn_sam_sample_examples::model::{Cnn, CnnConfig};
 use clap::Parser;
@@ -33,6 +37,10 @@ struct Args {
     /// Where to save the model and optimizer state after each epoch.
     #[arg(long, default_value = "target/custom-loop")]
     artifact_dir: PathBuf,
+    /// Resume from the state saved after this epoch in the artifact directory, or from the newest
+    /// complete one (`latest`). The resumed run ends with the weights of an uninterrupted one.
+    #[arg(long, value_parser = parse::resume)]
+    resume: Option<Resume>,
 }
 
 fn main() -> ExitCode {
@@ -46,19 +54,25 @@ fn main() -> ExitCode {
     }
 }
 
-fn train(Args { train: args, artifact_dir }: Args) -> Result<(), Box<dyn std::error::Error>> {
+fn train(Args { train: args, artifact_dir, resume }: Args) -> Result<(), Box<dyn std::error::Error>> {
     let device = backend::select(args.backend.as_deref())?;
     let train_device = device.clone().autodiff();
     let data = FashionMnist::load(args.data_dir.as_deref(), Fetch::from_flag(args.offline))?;
     let train = subset(&data.train, args.train_subset);
-    let (_, total_steps) = args.steps(train.len())?;
+    let (steps_per_epoch, total_steps) = args.steps(train.len())?;
     let warmup = args.warmup(total_steps);
+    if artifact_dir.exists() && !artifact_dir.is_dir() {
+        return Err(format!("--artifact-dir {} exists and is not a folder", artifact_dir.display()).into());
+    }
+    // One sealed set per epoch: the model and the optimizer (base optimizer + SAM state).
+    let checkpoints = CheckpointSet::new(&artifact_dir, &["model", "optim"]);
+    let resume = resume
+        .map(|resume| resume.epoch(args.epochs, || checkpoints.latest().map_err(|e| e.to_string())))
+        .transpose()?;
 
-    let train_loader = DataLoaderBuilder::new(FashionBatcher::plain())
-        .batch_size(args.batch_size)
-        .shuffle(args.seed)
-        .build(train)
-        .to_device(&train_device);
+    // Order and dropout of epoch e are functions of (seed, e), so a resumed run continues exactly.
+    let train_loader = EpochLoader::new(train, FashionBatcher::plain(), args.batch_size, args.seed, &train_device)
+        .starting_at_epoch(resume.map_or(1, |epoch| epoch + 1));
     let test_loader =
         DataLoaderBuilder::new(FashionBatcher::plain()).batch_size(256).build(data.test).to_device(&device);
 
@@ -71,12 +85,25 @@ fn train(Args { train: args, artifact_dir }: Args) -> Result<(), Box<dyn std::er
     let mut optim = args.method.config(total_steps, warmup, args.rho, args.seed).init(base)?;
     let loss_fn = CrossEntropyLossConfig::new().init(&train_device);
     std::fs::create_dir_all(&artifact_dir)?;
+    checkpoints.remove_stale_temporaries()?;
+    let first_epoch = match resume {
+        Some(epoch) => {
+            checkpoints.verify(epoch)?;
+            model = model.try_load_file(checkpoints.file("model", epoch))?;
+            let record = SamOptimizerRecord::load(checkpoints.file("optim", epoch))?;
+            optim.load_record(record, &model).map_err(|e| format!("--resume {epoch}: {e}"))?;
+            println!("resumed from the state saved after epoch {epoch}");
+            epoch + 1
+        }
+        None => 1,
+    };
 
     let bar = ProgressBar::new(total_steps as u64);
     bar.set_style(ProgressStyle::with_template("{bar:40} {pos}/{len} steps, {elapsed} elapsed, ETA {eta} | {msg}")?);
     let start = Instant::now();
-    let mut step = 0usize;
-    for epoch in 1..=args.epochs {
+    let mut step = (first_epoch - 1) * steps_per_epoch;
+    bar.set_position(step as u64);
+    for epoch in first_epoch..=args.epochs {
         for batch in train_loader.iter() {
             let batch = batch?;
             let lr = cosine_lr(args.lr, step, total_steps);
@@ -98,9 +125,11 @@ fn train(Args { train: args, artifact_dir }: Args) -> Result<(), Box<dyn std::er
         }
         let accuracy = evaluate_loader(&model, test_loader.as_ref())?;
         bar.println(format!("epoch {epoch}: test accuracy {:.2}%", accuracy * 100.0));
-        // Model and optimizer state together allow an exact restart from this point.
-        model.clone().save_file(artifact_dir.join(format!("model-{epoch}.bpk")))?;
-        optim.to_record().save(artifact_dir.join(format!("optim-{epoch}.bpk")))?;
+        // Model and optimizer state together allow an exact restart from this point; the set
+        // counts once sealed, so a run killed while writing leaves the previous one usable.
+        model.clone().save_file(checkpoints.file("model", epoch))?;
+        optim.to_record().save(checkpoints.file("optim", epoch))?;
+        checkpoints.seal(epoch)?;
     }
     bar.finish_and_clear();
     let t = optim.telemetry();

@@ -14,6 +14,7 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Instant;
 
 use burn::data::dataloader::DataLoaderBuilder;
@@ -27,10 +28,10 @@ use burn::train::metric::{AccuracyMetric, LossMetric};
 use burn::train::{ClassificationOutput, InferenceStep, Learner, SupervisedTraining, TrainOutput, TrainStep};
 use burn_sam_sample::backend;
 use burn_sam_sample::learner::{
-    verify_checkpoint, GradientPassesMetric, PsfRatioMetric, SamFractionMetric, SamHandle, SamOutput, SamQuotaMetric,
-    SamTargetMetric, SamTrainingExt,
+    latest_checkpoint, verify_checkpoint, EpochLoader, GradientPassesMetric, PsfRatioMetric, SamFractionMetric,
+    SamHandle, SamOutput, SamQuotaMetric, SamTargetMetric, SamTrainingExt,
 };
-use burn_sam_sample_examples::cli::{parse, TrainArgs};
+use burn_sam_sample_examples::cli::{parse, Resume, TrainArgs};
 use burn_sam_sample_examples::evaluate_loader;
 use burn_sam_sample_examples::fashion::{subset, FashionBatch, FashionBatcher, FashionMnist, Fetch};
 use burn_sam_sample_examples::methods::Method;
@@ -49,16 +50,18 @@ struct Args {
     /// Random shifts and flips of the training images.
     #[arg(long)]
     augment: bool,
-    /// Data-loader worker threads. With more than one, batches reach the model in the order the
-    /// workers finish them, so the same seed no longer repeats a run exactly.
+    /// Data-loader worker threads for evaluation. Training batches are built in order on the
+    /// training thread, each epoch from (seed, epoch), so a run repeats exactly by its seed and
+    /// a resumed run continues exactly.
     #[arg(long, default_value_t = 1, value_parser = parse::positive_usize)]
     workers: usize,
     /// Where metric logs and checkpoints go.
     #[arg(long, default_value = "target/fashion-mnist")]
     artifact_dir: PathBuf,
-    /// Resume from the checkpoint of this epoch in the artifact directory.
-    #[arg(long, value_parser = parse::positive_usize)]
-    resume: Option<usize>,
+    /// Resume from the checkpoint of this epoch in the artifact directory, or from the newest
+    /// complete one (`latest`). The resumed run ends with the weights of an uninterrupted one.
+    #[arg(long, value_parser = parse::resume)]
+    resume: Option<Resume>,
     /// Exit with an error when the test accuracy is not above this fraction.
     #[arg(long, value_parser = parse::fraction)]
     min_accuracy: Option<f64>,
@@ -139,15 +142,16 @@ fn train(options: Args) -> Result<(), Box<dyn std::error::Error>> {
     let model = Classifier { net: CnnConfig::new().init(&train_device), sam: SamHandle::new(&config)? };
     let sam = model.sam.clone();
 
-    let train_loader = DataLoaderBuilder::new(if options.augment {
-        FashionBatcher::augmented(args.seed)
-    } else {
-        FashionBatcher::plain()
-    })
-    .batch_size(args.batch_size)
-    .shuffle(args.seed)
-    .num_workers(options.workers)
-    .build(train);
+    let resume = options
+        .resume
+        .map(|resume| resume.epoch(args.epochs, || latest_checkpoint(&options.artifact_dir).map_err(|e| e.to_string())))
+        .transpose()?;
+    let batcher = if options.augment { FashionBatcher::augmented(args.seed) } else { FashionBatcher::plain() };
+    // Order, augmentation and dropout of epoch e are functions of (seed, e): see `EpochLoader`.
+    let train_loader = Arc::new(
+        EpochLoader::new(train, batcher, args.batch_size, args.seed, &train_device)
+            .starting_at_epoch(resume.map_or(1, |epoch| epoch + 1)),
+    );
     let test_loader =
         DataLoaderBuilder::new(FashionBatcher::plain()).batch_size(256).num_workers(options.workers).build(test);
 
@@ -169,12 +173,7 @@ fn train(options: Args) -> Result<(), Box<dyn std::error::Error>> {
         // Log records go to stderr through env_logger, not to Burn's experiment log file.
         .with_application_logger(None)
         .summary();
-    if let Some(epoch) = options.resume {
-        if epoch >= args.epochs {
-            return Err(
-                format!("--resume {epoch}: the run has only {} epochs, nothing is left to train", args.epochs).into()
-            );
-        }
+    if let Some(epoch) = resume {
         verify_checkpoint(&options.artifact_dir, epoch, &config)
             .map_err(|err| format!("--resume {epoch} in {}: {err}", options.artifact_dir.display()))?;
         training = training.checkpoint(epoch);

@@ -22,8 +22,8 @@ use burn::train::{
     TrainStep,
 };
 use burn_sam_sample::learner::{
-    latest_checkpoint, verify_checkpoint, GradientPassesMetric, PsfRatioMetric, SamFractionMetric, SamHandle, SamOutput, SamQuotaMetric,
-    SamTargetMetric, SamTrainingExt,
+    latest_checkpoint, verify_checkpoint, GradientPassesMetric, PsfRatioMetric, SamFractionMetric, SamHandle,
+    SamOutput, SamQuotaMetric, SamTargetMetric, SamTrainingExt,
 };
 use burn_sam_sample::policy::{GatePolicy, VariationConfig};
 use burn_sam_sample::SamConfig;

@@ -66,7 +66,43 @@ impl TrainArgs {
 
 /// clap value parsers that check a number where it is parsed, so that a bad value is a usage
 /// error (exit 2) whose message names the flag and the value.
+/// Where a run resumes: the checkpoint of an epoch, or the newest complete one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Resume {
+    /// The checkpoint written after this epoch.
+    Epoch(usize),
+    /// The newest checkpoint whose set is complete and undamaged.
+    Latest,
+}
+
+impl Resume {
+    /// The epoch to resume from, looking the newest one up in `find_latest` for `latest`; an
+    /// error when there is none or when nothing of a run of `epochs` epochs is left to train.
+    pub fn epoch(
+        self,
+        epochs: usize,
+        find_latest: impl FnOnce() -> Result<Option<usize>, String>,
+    ) -> Result<usize, String> {
+        let epoch = match self {
+            Self::Epoch(epoch) => epoch,
+            Self::Latest => find_latest()?.ok_or("--resume latest: there is no complete checkpoint to resume")?,
+        };
+        if epoch >= epochs {
+            return Err(format!("--resume {epoch}: the run has only {epochs} epochs, nothing is left to train"));
+        }
+        Ok(epoch)
+    }
+}
+
 pub mod parse {
+    /// `latest` or an epoch ≥ 1.
+    pub fn resume(text: &str) -> Result<super::Resume, String> {
+        if text.trim() == "latest" {
+            return Ok(super::Resume::Latest);
+        }
+        positive_usize(text).map(super::Resume::Epoch).map_err(|e| format!("{e} (or `latest`)"))
+    }
+
     fn number<T: std::str::FromStr>(text: &str) -> Result<T, String>
     where
         T::Err: std::fmt::Display,

@@ -304,12 +304,14 @@ pub struct FashionBatch {
 }
 
 /// Builds [`FashionBatch`]es. With augmentation, each image is shifted by up to 2 pixels and
-/// mirrored at random; the draws come from `seed` and a batch counter, so a run with one loader
-/// worker sees the same augmented data for the same seed.
+/// mirrored at random; the draws come from a seed and a batch counter, so a run with one loader
+/// worker sees the same augmented data for the same seed. Under an
+/// [`EpochLoader`](burn_sam_sample::learner::EpochLoader) both restart at each epoch from a seed
+/// of (seed, epoch), so a resumed run draws what the uninterrupted one drew.
 #[derive(Clone, Debug, Default)]
 pub struct FashionBatcher {
     augment: bool,
-    seed: u64,
+    seed: std::sync::Arc<std::sync::atomic::AtomicU64>,
     batches: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
@@ -321,7 +323,7 @@ impl FashionBatcher {
 
     /// A batcher with random shifts and flips drawn from `seed`.
     pub fn augmented(seed: u64) -> Self {
-        Self { augment: true, seed, batches: Default::default() }
+        Self { augment: true, seed: std::sync::Arc::new(seed.into()), batches: Default::default() }
     }
 }
 
@@ -330,7 +332,8 @@ impl Batcher<FashionItem, FashionBatch> for FashionBatcher {
         use rand::{Rng, SeedableRng};
         let n = items.len();
         let batch = self.batches.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let mut rng = rand::rngs::StdRng::seed_from_u64(self.seed ^ batch.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+        let seed = self.seed.load(std::sync::atomic::Ordering::SeqCst);
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ batch.wrapping_mul(0x9e37_79b9_7f4a_7c15));
         let mut pixels = Vec::with_capacity(n * PIXELS);
         for item in &items {
             let image = if self.augment {
@@ -345,6 +348,13 @@ impl Batcher<FashionItem, FashionBatch> for FashionBatcher {
             images: Tensor::<1>::from_floats(pixels.as_slice(), device).reshape([n, 1, 28, 28]),
             targets: Tensor::<1, Int>::from_ints(labels.as_slice(), device),
         }
+    }
+}
+
+impl burn_sam_sample::learner::EpochBatcher<FashionItem, FashionBatch> for FashionBatcher {
+    fn start_epoch(&self, seed: u64) {
+        self.seed.store(seed, std::sync::atomic::Ordering::SeqCst);
+        self.batches.store(0, std::sync::atomic::Ordering::SeqCst);
     }
 }
 

@@ -13,11 +13,13 @@
 //! See `docs/learner.md` for the integration, the multi-device semantics and checkpointing.
 
 mod checkpoint;
+mod epoch_loader;
 mod loss;
 mod metrics;
 mod output;
 
 pub use checkpoint::{latest_checkpoint, verify_checkpoint, SamCheckpointer, SamCheckpointing, SamTrainingExt};
+pub use epoch_loader::{epoch_seed, EpochBatcher, EpochLoader};
 pub use loss::HasLoss;
 pub use metrics::{
     GradientPassesMetric, PsfRatioMetric, SamFractionMetric, SamQuotaMetric, SamStepInfo, SamTargetMetric,
