@@ -1,4 +1,9 @@
 //! Devices selected by this crate's backend features (`ndarray`, `flex`, `wgpu`, `cuda`).
+//!
+//! Why this is in the library: a user picks the backend with this crate's features, and a
+//! program with a `--backend` option needs the device of a compiled-in backend by name, with an
+//! error that names the feature to turn on when it is missing. `Device::default()` cannot serve:
+//! it picks CUDA or wgpu whenever any crate of the build enables them.
 
 use burn::tensor::Device;
 

@@ -140,6 +140,53 @@ impl SamEngine {
     /// ([`CheapPass::finish`]). The pass borrows the engine until it is finished, so steps cannot
     /// interleave; a pass dropped unfinished leaves the engine as if the step had not run,
     /// except that the gate has decided once.
+    ///
+    /// ```rust
+    /// # use burn::nn::{Linear, LinearConfig};
+    /// # use burn::optim::{GradientsParams, Optimizer, SgdConfig};
+    /// # use burn::prelude::*;
+    /// use burn_sam_sample::{Pass, SamConfig, SamEngine};
+    ///
+    /// # let device = burn_sam_sample::backend::cpu_device().autodiff();
+    /// let mut model: Linear = LinearConfig::new(4, 1).init(&device);
+    /// let mut engine = SamEngine::new(&SamConfig::vsam(10)).unwrap();
+    /// let mut sgd = SgdConfig::new().init();
+    /// let x = Tensor::<2>::ones([8, 4], &device);
+    /// let loss_of = |m: &Linear| m.forward(x.clone()).powi_scalar(2).mean();
+    /// for _ in 0..20 {
+    ///     let loss = loss_of(&model);
+    ///     let grads = GradientsParams::from_grads(loss.backward(), &model);
+    ///     let (direction, telemetry) = match engine.first_pass(&model, grads, &loss) {
+    ///         Pass::Sam(pass) => {
+    ///             let perturbed = pass.perturbed(&model);
+    ///             let second = GradientsParams::from_grads(loss_of(&perturbed).backward(), &perturbed);
+    ///             pass.finish(&model, second)
+    ///         }
+    ///         Pass::Cheap(pass) => pass.finish(&model),
+    ///     };
+    ///     model = sgd.step(0.1, model, direction);
+    ///     assert!(telemetry.step > 0);
+    /// }
+    /// ```
+    ///
+    /// A SAM pass cannot be finished without the second pass's gradients, a cheap one takes
+    /// none, and a second step cannot start while a pass is open:
+    ///
+    /// ```compile_fail
+    /// # use burn::nn::{Linear, LinearConfig};
+    /// # use burn::optim::GradientsParams;
+    /// # use burn::prelude::*;
+    /// # use burn_sam_sample::{SamConfig, SamEngine};
+    /// # let device = burn_sam_sample::backend::cpu_device().autodiff();
+    /// # let model: Linear = LinearConfig::new(4, 1).init(&device);
+    /// # let x = Tensor::<2>::ones([8, 4], &device);
+    /// let mut engine = SamEngine::new(&SamConfig::sam()).unwrap();
+    /// let loss = model.forward(x.clone()).mean();
+    /// let pass = engine.first_pass(&model, GradientsParams::from_grads(loss.backward(), &model), &loss);
+    /// let loss = model.forward(x).mean();
+    /// let other = engine.first_pass(&model, GradientsParams::from_grads(loss.backward(), &model), &loss);
+    /// drop(pass);
+    /// ```
     pub fn first_pass<M: Module>(&mut self, module: &M, grads: GradientsParams, loss: &Tensor<1>) -> Pass<'_> {
         Pass::begin(self, module, grads, loss)
     }
