@@ -172,7 +172,7 @@ impl SamEngine {
     /// A SAM pass cannot be finished without the second pass's gradients, a cheap one takes
     /// none, and a second step cannot start while a pass is open:
     ///
-    /// ```compile_fail
+    /// ```compile_fail,E0499
     /// # use burn::nn::{Linear, LinearConfig};
     /// # use burn::optim::GradientsParams;
     /// # use burn::prelude::*;

@@ -1,0 +1,140 @@
+//! The smallest complete Learner program with vSAM: a two-layer classifier on three noisy
+//! spirals. The lines between `README:start` and `README:end` are the README's Learner snippet,
+//! word for word (a test checks it), so that snippet is compiled and run.
+//!
+//! ```text
+//! cargo run --release -p burn-sam-sample-examples --example learner_minimal
+//! ```
+
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use burn::data::dataloader::batcher::Batcher;
+use burn::data::dataloader::{DataLoader, DataLoaderBuilder};
+use burn::data::dataset::InMemDataset;
+use burn::nn::loss::CrossEntropyLossConfig;
+use burn::nn::{Linear, LinearConfig};
+use burn::optim::SgdConfig;
+use burn::prelude::*;
+use burn::tensor::activation::relu;
+use burn::train::checkpoint::KeepLastNCheckpoints;
+use burn::train::metric::{AccuracyMetric, LossMetric};
+use burn::train::{ClassificationOutput, InferenceStep, Learner, SupervisedTraining, TrainOutput, TrainStep};
+use burn_sam_sample::{backend, learner::*, SamConfig};
+use burn_sam_sample_examples::spirals;
+
+#[derive(Clone, Debug)]
+struct Point {
+    x: [f32; 2],
+    class: i64,
+}
+
+#[derive(Clone, Debug)]
+struct Batch {
+    x: Tensor<2>,
+    classes: Tensor<1, Int>,
+}
+
+#[derive(Clone)]
+struct PointBatcher;
+
+impl Batcher<Point, Batch> for PointBatcher {
+    fn batch(&self, points: Vec<Point>, device: &Device) -> Batch {
+        let xs: Vec<f32> = points.iter().flat_map(|p| p.x).collect();
+        let classes: Vec<i64> = points.iter().map(|p| p.class).collect();
+        Batch {
+            x: Tensor::<1>::from_floats(xs.as_slice(), device).reshape([points.len(), 2]),
+            classes: Tensor::<1, Int>::from_ints(classes.as_slice(), device),
+        }
+    }
+}
+
+impl EpochBatcher<Point, Batch> for PointBatcher {}
+
+fn points(per_class: usize, seed: u64, device: &Device) -> InMemDataset<Point> {
+    let (x, classes) = spirals(per_class, 0.3, seed, device);
+    let xs: Vec<f32> = x.into_data().iter::<f32>().collect();
+    let classes: Vec<i64> = classes.into_data().iter::<i64>().collect();
+    InMemDataset::new(classes.iter().enumerate().map(|(i, &class)| Point { x: [xs[2 * i], xs[2 * i + 1]], class }).collect())
+}
+
+// README:start
+#[derive(Module, Debug)]
+struct Model {
+    l1: Linear,
+    l2: Linear,
+    #[module(skip)]
+    sam: SamHandle,
+}
+
+impl Model {
+    fn forward_classification(&self, batch: Batch) -> ClassificationOutput {
+        let logits = self.l2.forward(relu(self.l1.forward(batch.x)));
+        let loss = CrossEntropyLossConfig::new().init(&logits.device()).forward(logits.clone(), batch.classes.clone());
+        ClassificationOutput::new(loss, logits, batch.classes)
+    }
+}
+
+impl TrainStep for Model {
+    type Input = Batch;
+    type Output = SamOutput<ClassificationOutput>;
+    fn step(&self, batch: Batch) -> TrainOutput<Self::Output> {
+        self.sam.train_step(self, batch, Model::forward_classification)
+    }
+    burn_sam_sample::sam_optimize!(sam);
+}
+// README:end
+
+impl InferenceStep for Model {
+    type Input = Batch;
+    type Output = ClassificationOutput;
+    fn step(&self, batch: Batch) -> ClassificationOutput {
+        self.forward_classification(batch)
+    }
+}
+
+fn main() -> ExitCode {
+    match run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> Result<(), Box<dyn std::error::Error>> {
+    let dir = std::path::Path::new("target/learner-minimal");
+    let (epochs, steps_per_epoch) = (6, 600 / 32);
+    let cpu = backend::select(None)?;
+    let device = cpu.clone().autodiff();
+    device.seed(0);
+    let train: Arc<dyn DataLoader<Batch>> =
+        Arc::new(EpochLoader::new(points(200, 1, &cpu), PointBatcher, 32, 0, &device));
+    let valid = DataLoaderBuilder::new(PointBatcher).batch_size(128).build(points(100, 2, &cpu));
+    // README:start
+    let model = Model {
+        l1: LinearConfig::new(2, 64).init(&device),
+        l2: LinearConfig::new(64, 3).init(&device),
+        sam: SamHandle::new(&SamConfig::vsam(steps_per_epoch))?,
+    };
+    let result = SupervisedTraining::new(dir, train, valid)
+        .num_epochs(epochs)
+        .metrics((AccuracyMetric::new(), LossMetric::new()))
+        .metric_train_numeric(SamFractionMetric::new())
+        .with_sam_checkpointing(dir, &model.sam, KeepLastNCheckpoints::new(2))
+        .launch(Learner::new(model, SgdConfig::new().init(), 0.1));
+    // README:end
+    if let Some(error) = result.error {
+        return Err(format!("training failed: {error}").into());
+    }
+    let telemetry = result.model.sam.telemetry();
+    println!(
+        "{} steps, SAM fraction {:.2}, {:.2} gradient passes per step; metrics and checkpoints in {}",
+        telemetry.step,
+        telemetry.sam_fraction,
+        telemetry.passes_per_step(),
+        dir.display()
+    );
+    Ok(())
+}
