@@ -72,7 +72,7 @@ impl ReusePolicy {
 
     /// The term a cheap step adds, given the number `k ≥ 1` of cheap steps since the cached
     /// tensor was stored.
-    pub fn cheap_term(&self, k: u32) -> CheapTerm {
+    pub(crate) fn cheap_term(&self, k: u32) -> CheapTerm {
         match *self {
             Self::None => CheapTerm::Plain,
             Self::DecayedPsf { beta, max_reuse } if k <= max_reuse => CheapTerm::Scaled(beta.powi(k as i32)),
@@ -84,7 +84,7 @@ impl ReusePolicy {
 
 /// What one cheap step adds to `g`.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
-pub enum CheapTerm {
+pub(crate) enum CheapTerm {
     /// Nothing: `d = g`.
     Plain,
     /// `d = g + w·cache` with this weight.
