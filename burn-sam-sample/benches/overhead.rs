@@ -1,17 +1,25 @@
-//! Overhead of the SAM machinery against the bare base optimizer, on MLPs of about 0.1 M, 1 M and
-//! 10 M parameters:
+//! Overhead of the SAM machinery against the bare base optimizer, on MLPs of 0.13 M, 1.07 M and
+//! 9.4 M parameters (batch 64), as ratios measured in one run of one binary:
 //!
 //! - `base`: forward, backward and an SGD-with-momentum step;
-//! - `cheap`: a vSAM cheap step (forward, backward, ‖g‖² on the device, g + β^k·PSF, guard, SGD);
-//! - `cheap_unguarded`: the same without the non-finite guard (no ‖g‖², no mask);
+//! - `cheap`: a vSAM cheap step (forward, backward, the non-finite guard, g + β^k·PSF, SGD);
+//! - `cheap_unguarded`: the same without the non-finite guard;
 //! - `cheap_plain`: a cheap step without reuse and without guard: only the engine's bookkeeping;
-//! - `sam`: a SAM step (two forward/backward passes, perturbed clone, PSF, one host read, SGD);
-//! - `two_base`: two base steps, the cost a SAM step is compared with.
+//! - `sam`: a SAM step (two forward/backward passes, perturbed clone, PSF, one host read, SGD),
+//!   compared with two base steps.
 //!
-//! `cargo bench -p burn-sam-sample --bench overhead` (backend: `$BURN_SAM_BENCH_BACKEND`, else flex
-//! when compiled in, else ndarray).
+//! Each repeat times a block of steps of every kind back to back, so slow phases of a shared
+//! machine hit all kinds alike; the ratios of each repeat are reported as median, min and max.
+//!
+//! ```text
+//! cargo bench -p burn-sam-sample --bench overhead --no-default-features --features flex,train
+//! ```
+//!
+//! Environment: `BURN_SAM_BENCH_BACKEND` (default: flex when compiled in, else ndarray),
+//! `BURN_SAM_BENCH_REPEATS` (default 5), `BURN_SAM_BENCH_JSON` (a file to write the rows to, as
+//! `docs/benchmarks/overhead.json`).
 
-use std::hint::black_box;
+use std::time::{Duration, Instant};
 
 use burn::module::Module;
 use burn::nn::{Linear, LinearConfig, Relu};
@@ -21,7 +29,6 @@ use burn::tensor::Distribution;
 use burn_sam_sample::policy::GatePolicy;
 use burn_sam_sample::reuse::ReusePolicy;
 use burn_sam_sample::{backend, SamConfig, SamOptimizer};
-use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 
 #[derive(Module, Debug)]
 struct Mlp {
@@ -53,87 +60,130 @@ fn base() -> ModuleOptimizer {
     SgdConfig::new().with_momentum(Some(MomentumConfig::new())).init()
 }
 
-fn device() -> Device {
-    let name = std::env::var("BURN_SAM_BENCH_BACKEND").ok().unwrap_or_else(|| {
+fn backend_name() -> String {
+    std::env::var("BURN_SAM_BENCH_BACKEND").ok().unwrap_or_else(|| {
         let enabled = backend::enabled_backends();
         if enabled.contains(&"flex") { "flex" } else { "ndarray" }.to_string()
-    });
-    backend::select(Some(&name)).expect("bench backend").autodiff()
+    })
 }
 
-fn base_step(model: Mlp, optim: &mut ModuleOptimizer, x: &Tensor<2>, y: &Tensor<2>) -> Mlp {
-    let grads = GradientsParams::from_grads(model.loss(x, y).backward(), &model);
-    optim.step(0.01, model, grads)
+/// One kind of step with its own model and optimizer state.
+enum Stepper {
+    Base(Option<Mlp>, ModuleOptimizer),
+    Sam(Option<Mlp>, SamOptimizer),
 }
 
-fn sam_step(model: Mlp, optim: &mut SamOptimizer, x: &Tensor<2>, y: &Tensor<2>) -> Mlp {
-    optim.step(0.01, model, |m: &Mlp| (m.loss(x, y), ())).0
+impl Stepper {
+    fn step(&mut self, x: &Tensor<2>, y: &Tensor<2>) {
+        match self {
+            Self::Base(model, optim) => {
+                let Some(current) = model.take() else { return };
+                let grads = GradientsParams::from_grads(current.loss(x, y).backward(), &current);
+                *model = Some(optim.step(0.001, current, grads));
+            }
+            Self::Sam(model, optim) => {
+                let Some(current) = model.take() else { return };
+                *model = Some(optim.step(0.001, current, |m: &Mlp| (m.loss(x, y), ())).0);
+            }
+        }
+    }
+
+    /// Seconds per step over `steps` steps, the device synchronized at both ends.
+    fn time(&mut self, steps: usize, x: &Tensor<2>, y: &Tensor<2>, device: &Device) -> f64 {
+        let _ = device.sync();
+        let start = Instant::now();
+        for _ in 0..steps {
+            self.step(x, y);
+        }
+        let _ = device.sync();
+        start.elapsed().as_secs_f64() / steps as f64
+    }
 }
 
-fn overhead(c: &mut Criterion) {
-    let device = device();
+fn cheap(reuse: ReusePolicy, guard: bool) -> SamConfig {
+    SamConfig::new().with_policy(GatePolicy::Periodic { k: usize::MAX }).with_reuse(reuse).with_guard_non_finite(guard)
+}
+
+fn median_min_max(mut values: Vec<f64>) -> (f64, f64, f64) {
+    values.sort_by(f64::total_cmp);
+    let n = values.len();
+    let median = if n % 2 == 1 { values[n / 2] } else { (values[n / 2 - 1] + values[n / 2]) / 2.0 };
+    (median, values[0], values[n - 1])
+}
+
+fn main() {
+    // `cargo bench` passes `--bench`; no other argument is read.
+    let name = backend_name();
+    let device = match backend::select(Some(&name)) {
+        Ok(device) => device.autodiff(),
+        Err(err) => {
+            eprintln!("error: {err}");
+            std::process::exit(2);
+        }
+    };
+    let repeats: usize = std::env::var("BURN_SAM_BENCH_REPEATS").ok().and_then(|v| v.parse().ok()).unwrap_or(5).max(1);
     let sizes: [(&str, Vec<usize>); 3] =
         [("0.1M", vec![256, 256, 256, 10]), ("1M", vec![784, 1024, 256, 10]), ("10M", vec![2048, 2048, 2048, 512, 10])];
-    let mut group = c.benchmark_group("step");
-    group.sample_size(10);
-    group.warm_up_time(std::time::Duration::from_secs(1));
-    group.measurement_time(std::time::Duration::from_secs(4));
-    for (name, widths) in sizes {
+    let reuse = ReusePolicy::DecayedPsf { beta: 0.999_999, max_reuse: u32::MAX };
+    let mut rows = Vec::new();
+    println!("backend {name}, {repeats} repeats; ratios: median [min, max]");
+    for (label, widths) in sizes {
         device.seed(0);
         let x = Tensor::<2>::random([64, widths[0]], Distribution::Normal(0.0, 1.0), &device);
-        let y = Tensor::<2>::random([64, *widths.last().unwrap()], Distribution::Normal(0.0, 1.0), &device);
+        let y = Tensor::<2>::random([64, widths[widths.len() - 1]], Distribution::Normal(0.0, 1.0), &device);
         let params = Mlp::new(&widths, &device).num_params();
-        println!("model {name}: {params} parameters");
-
-        let mut model = Mlp::new(&widths, &device);
-        let mut optim = base();
-        group.bench_function(BenchmarkId::new("base", name), |b| {
-            b.iter(|| {
-                model = base_step(model.clone(), &mut optim, &x, &y);
-                let _ = device.sync();
-            })
-        });
-        group.bench_function(BenchmarkId::new("two_base", name), |b| {
-            b.iter(|| {
-                model = base_step(model.clone(), &mut optim, &x, &y);
-                model = base_step(model.clone(), &mut optim, &x, &y);
-                let _ = device.sync();
-            })
-        });
-
-        // One SAM step first, then every step is cheap (and mixes the PSF in, where reused).
-        let cheap_variants = [
-            ("cheap", ReusePolicy::DecayedPsf { beta: 0.999_999, max_reuse: u32::MAX }, true),
-            ("cheap_unguarded", ReusePolicy::DecayedPsf { beta: 0.999_999, max_reuse: u32::MAX }, false),
-            ("cheap_plain", ReusePolicy::None, false),
+        let sam_of = |config: SamConfig| {
+            let optim = config.init(base()).expect("valid configuration");
+            Stepper::Sam(Some(Mlp::new(&widths, &device)), optim)
+        };
+        let mut kinds = [
+            ("base", Stepper::Base(Some(Mlp::new(&widths, &device)), base())),
+            ("cheap", sam_of(cheap(reuse.clone(), true))),
+            ("cheap_unguarded", sam_of(cheap(reuse.clone(), false))),
+            ("cheap_plain", sam_of(cheap(ReusePolicy::None, false))),
+            ("sam", sam_of(SamConfig::sam())),
         ];
-        for (label, reuse, guard) in cheap_variants {
-            let config = SamConfig::new()
-                .with_policy(GatePolicy::Periodic { k: usize::MAX })
-                .with_reuse(reuse)
-                .with_guard_non_finite(guard);
-            let mut sam = config.init(base()).unwrap();
-            model = sam_step(model.clone(), &mut sam, &x, &y);
-            group.bench_function(BenchmarkId::new(label, name), |b| {
-                b.iter(|| {
-                    model = sam_step(model.clone(), &mut sam, &x, &y);
-                    let _ = device.sync();
-                })
-            });
-            assert_eq!(sam.telemetry().sam_steps, 1, "only the first step was a SAM step");
+        // Warm up (the cheap kinds' first step is their one SAM step) and size the blocks to
+        // about half a second of base steps.
+        for (_, stepper) in kinds.iter_mut() {
+            for _ in 0..3 {
+                stepper.step(&x, &y);
+            }
         }
-
-        let mut sam = SamConfig::sam().init(base()).unwrap();
-        group.bench_function(BenchmarkId::new("sam", name), |b| {
-            b.iter(|| {
-                model = sam_step(model.clone(), &mut sam, &x, &y);
-                let _ = device.sync();
-            })
-        });
-        black_box(&model);
+        let per_base = kinds[0].1.time(3, &x, &y, &device);
+        let steps = ((Duration::from_millis(500).as_secs_f64() / per_base).ceil() as usize).clamp(3, 200);
+        let mut ratios: Vec<[f64; 4]> = Vec::with_capacity(repeats);
+        for _ in 0..repeats {
+            let mut seconds = [0.0; 5];
+            for (slot, (_, stepper)) in seconds.iter_mut().zip(kinds.iter_mut()) {
+                *slot = stepper.time(steps, &x, &y, &device);
+            }
+            let base = seconds[0];
+            ratios.push([seconds[1] / base, seconds[2] / base, seconds[3] / base, seconds[4] / (2.0 * base)]);
+        }
+        let column = |i: usize| median_min_max(ratios.iter().map(|r| r[i]).collect());
+        let (cheap, unguarded, plain, sam) = (column(0), column(1), column(2), column(3));
+        println!(
+            "model {label} ({params} parameters, {steps} steps per block): cheap/base {:.3} [{:.3}, {:.3}], \
+             cheap_unguarded/base {:.3} [{:.3}, {:.3}], cheap_plain/base {:.3} [{:.3}, {:.3}], \
+             sam/two_base {:.3} [{:.3}, {:.3}]",
+            cheap.0, cheap.1, cheap.2, unguarded.0, unguarded.1, unguarded.2, plain.0, plain.1, plain.2, sam.0,
+            sam.1, sam.2
+        );
+        rows.push(format!(
+            "  {{\"model\": \"{label}\", \"parameters\": {params}, \"backend\": \"{name}\", \"repeats\": {repeats}, \
+             \"steps_per_block\": {steps}, \"cheap_over_base\": {:.4}, \"cheap_over_base_min\": {:.4}, \
+             \"cheap_over_base_max\": {:.4}, \"cheap_unguarded_over_base\": {:.4}, \"cheap_plain_over_base\": {:.4}, \
+             \"sam_over_two_base\": {:.4}, \"sam_over_two_base_min\": {:.4}, \"sam_over_two_base_max\": {:.4}}}",
+            cheap.0, cheap.1, cheap.2, unguarded.0, plain.0, sam.0, sam.1, sam.2
+        ));
     }
-    group.finish();
+    if let Ok(path) = std::env::var("BURN_SAM_BENCH_JSON") {
+        let json = format!("[\n{}\n]\n", rows.join(",\n"));
+        if let Err(err) = std::fs::write(&path, json) {
+            eprintln!("error: cannot write {path}: {err}");
+            std::process::exit(1);
+        }
+        println!("rows written to {path}");
+    }
 }
-
-criterion_group!(benches, overhead);
-criterion_main!(benches);
