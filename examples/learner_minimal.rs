@@ -55,7 +55,9 @@ fn points(per_class: usize, seed: u64, device: &Device) -> InMemDataset<Point> {
     let (x, classes) = spirals(per_class, 0.3, seed, device);
     let xs: Vec<f32> = x.into_data().iter::<f32>().collect();
     let classes: Vec<i64> = classes.into_data().iter::<i64>().collect();
-    InMemDataset::new(classes.iter().enumerate().map(|(i, &class)| Point { x: [xs[2 * i], xs[2 * i + 1]], class }).collect())
+    InMemDataset::new(
+        classes.iter().enumerate().map(|(i, &class)| Point { x: [xs[2 * i], xs[2 * i + 1]], class }).collect(),
+    )
 }
 
 // README:start

@@ -43,11 +43,18 @@ fn hand_written_sam(mut model: Mlp, steps: usize, rho: f64) -> Mlp {
     for step in 0..steps {
         let (x, y) = random_batch(&device, 100 + step as u64);
         let grads = GradientsParams::from_grads(model.loss(&x, &y).backward(), &model);
+        // ‖g‖² per tensor as the dot product of the flattened gradient with itself, the
+        // arithmetic the engine uses (one read, no temporary of squares).
+        let dot = |t: Tensor<1>| {
+            let n = t.dims()[0];
+            t.clone().reshape([1, n]).matmul(t.reshape([n, 1])).reshape([1])
+        };
+        let flat2 = |t: Tensor<2>| t.flatten::<1>(0, 1);
         let parts: Vec<Tensor<1>> = vec![
-            grads.get::<2>(model.l1.weight.id).unwrap().square().sum(),
-            grads.get::<1>(model.l1.bias.as_ref().unwrap().id).unwrap().square().sum(),
-            grads.get::<2>(model.l2.weight.id).unwrap().square().sum(),
-            grads.get::<1>(model.l2.bias.as_ref().unwrap().id).unwrap().square().sum(),
+            dot(flat2(grads.get::<2>(model.l1.weight.id).unwrap())),
+            dot(grads.get::<1>(model.l1.bias.as_ref().unwrap().id).unwrap()),
+            dot(flat2(grads.get::<2>(model.l2.weight.id).unwrap())),
+            dot(grads.get::<1>(model.l2.bias.as_ref().unwrap().id).unwrap()),
         ];
         let norm = Tensor::cat(parts, 0).sum().sqrt();
         let scale = Tensor::<1>::full([1], rho, &device.clone().inner()) / norm.add_scalar(1e-12);

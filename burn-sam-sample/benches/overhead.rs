@@ -8,8 +8,9 @@
 //! - `sam`: a SAM step (two forward/backward passes, perturbed clone, PSF, one host read, SGD),
 //!   compared with two base steps.
 //!
-//! Each repeat times a block of steps of every kind back to back, so slow phases of a shared
-//! machine hit all kinds alike; the ratios of each repeat are reported as median, min and max.
+//! Each repeat times single steps of every kind in rotation (the order shifts by one each round),
+//! so slow phases of a shared machine hit all kinds alike; a repeat's ratio is that of the kinds'
+//! median step times, and the repeats' ratios are reported as median, min and max.
 //!
 //! ```text
 //! cargo bench -p burn-sam-sample --bench overhead --no-default-features --features flex,train
@@ -70,7 +71,7 @@ fn backend_name() -> String {
 /// One kind of step with its own model and optimizer state.
 enum Stepper {
     Base(Option<Mlp>, ModuleOptimizer),
-    Sam(Option<Mlp>, SamOptimizer),
+    Sam(Option<Mlp>, Box<SamOptimizer>),
 }
 
 impl Stepper {
@@ -134,7 +135,7 @@ fn main() {
         let params = Mlp::new(&widths, &device).num_params();
         let sam_of = |config: SamConfig| {
             let optim = config.init(base()).expect("valid configuration");
-            Stepper::Sam(Some(Mlp::new(&widths, &device)), optim)
+            Stepper::Sam(Some(Mlp::new(&widths, &device)), Box::new(optim))
         };
         let mut kinds = [
             ("base", Stepper::Base(Some(Mlp::new(&widths, &device)), base())),
@@ -151,20 +152,29 @@ fn main() {
             }
         }
         let per_base = kinds[0].1.time(3, &x, &y, &device);
-        let steps = ((Duration::from_millis(500).as_secs_f64() / per_base).ceil() as usize).clamp(3, 200);
+        let steps = ((Duration::from_millis(500).as_secs_f64() / per_base).ceil() as usize).clamp(5, 100);
         let mut ratios: Vec<[f64; 4]> = Vec::with_capacity(repeats);
         for _ in 0..repeats {
-            let mut seconds = [0.0; 5];
-            for (slot, (_, stepper)) in seconds.iter_mut().zip(kinds.iter_mut()) {
-                *slot = stepper.time(steps, &x, &y, &device);
+            let mut times: [Vec<f64>; 5] = Default::default();
+            for round in 0..steps {
+                for offset in 0..kinds.len() {
+                    let kind = (round + offset) % kinds.len();
+                    times[kind].push(kinds[kind].1.time(1, &x, &y, &device));
+                }
             }
-            let base = seconds[0];
-            ratios.push([seconds[1] / base, seconds[2] / base, seconds[3] / base, seconds[4] / (2.0 * base)]);
+            let median = |values: &[f64]| median_min_max(values.to_vec()).0;
+            let base = median(&times[0]);
+            ratios.push([
+                median(&times[1]) / base,
+                median(&times[2]) / base,
+                median(&times[3]) / base,
+                median(&times[4]) / (2.0 * base),
+            ]);
         }
         let column = |i: usize| median_min_max(ratios.iter().map(|r| r[i]).collect());
         let (cheap, unguarded, plain, sam) = (column(0), column(1), column(2), column(3));
         println!(
-            "model {label} ({params} parameters, {steps} steps per block): cheap/base {:.3} [{:.3}, {:.3}], \
+            "model {label} ({params} parameters, {steps} steps of each kind per repeat): cheap/base {:.3} [{:.3}, {:.3}], \
              cheap_unguarded/base {:.3} [{:.3}, {:.3}], cheap_plain/base {:.3} [{:.3}, {:.3}], \
              sam/two_base {:.3} [{:.3}, {:.3}]",
             cheap.0, cheap.1, cheap.2, unguarded.0, unguarded.1, unguarded.2, plain.0, plain.1, plain.2, sam.0,
@@ -172,7 +182,7 @@ fn main() {
         );
         rows.push(format!(
             "  {{\"model\": \"{label}\", \"parameters\": {params}, \"backend\": \"{name}\", \"repeats\": {repeats}, \
-             \"steps_per_block\": {steps}, \"cheap_over_base\": {:.4}, \"cheap_over_base_min\": {:.4}, \
+             \"steps_per_repeat\": {steps}, \"cheap_over_base\": {:.4}, \"cheap_over_base_min\": {:.4}, \
              \"cheap_over_base_max\": {:.4}, \"cheap_unguarded_over_base\": {:.4}, \"cheap_plain_over_base\": {:.4}, \
              \"sam_over_two_base\": {:.4}, \"sam_over_two_base_min\": {:.4}, \"sam_over_two_base_max\": {:.4}}}",
             cheap.0, cheap.1, cheap.2, unguarded.0, plain.0, sam.0, sam.1, sam.2

@@ -73,24 +73,36 @@ pub(crate) fn first_pass<M: Module>(
     let asam_eta = (sam && config.adaptive).then_some(config.adaptive_eta);
     let collected = tensors::collect(module, grads, sam, asam_eta);
     let device = collected.grads.first().map(|flat| flat.grad.device()).unwrap_or_else(|| loss.device());
-    let needs_norm =
-        sam || config.guard_non_finite || wants_grad_norm || matches!(config.reuse, ReusePolicy::LookSam { .. });
+    // ‖g‖² is needed for the ascent, LookSAM's norm matching and AE-SAM's statistic; the
+    // non-finite guard alone only needs to know whether g is finite, which a plain sum (one read,
+    // no temporary) tells as well: it is non-finite exactly when an element is (or when the sum
+    // itself passes f32's range, ~3·10³⁸, which a finite ‖g‖² would have passed first).
+    let needs_norm = sam || wants_grad_norm || matches!(config.reuse, ReusePolicy::LookSam { .. });
     let grad_sq_parts: Vec<Tensor<1>> =
         if needs_norm { collected.grads.iter().map(|flat| square_sum(&flat.grad)).collect() } else { Vec::new() };
     let grad_sq = sum_parts(&grad_sq_parts, &device);
+    let probe = if needs_norm || !config.guard_non_finite {
+        grad_sq.clone()
+    } else {
+        let sums: Vec<Tensor<1>> =
+            collected.grads.iter().map(|flat| flat.grad.clone().cast(DType::F32).sum()).collect();
+        sum_parts(&sums, &device)
+    };
     let loss = loss.clone().inner().cast(DType::F32).sum().to_device(&device);
-    let skip = grad_sq.clone().is_finite().bool_and(loss.clone().is_finite()).bool_not();
+    let skip = probe.is_finite().bool_and(loss.clone().is_finite()).bool_not();
     FirstPass { collected, grad_sq_parts, grad_sq, loss, skip, device }
 }
 
-/// The perturbed module `w + ε` of a SAM step.
+/// The perturbed module `w + ε` of a SAM step. When the loss or g is not finite the clone holds
+/// garbage, which is harmless: the step is then skipped (its update zeroed, nothing cached, the
+/// gate told nothing), so nothing computed on the clone is used.
 pub(crate) fn perturb<M: Module>(config: &SamConfig, module: &M, first: &FirstPass) -> M {
     let norm_sq =
         if config.adaptive { sum_parts(&first.collected.scaled_sq, &first.device) } else { first.grad_sq.clone() };
     let rho = Tensor::<1>::full([1], config.rho, (&first.device, DType::F32));
     let scale = rho / norm_sq.sqrt().add_scalar(config.eps);
     let asam_eta = config.adaptive.then_some(config.adaptive_eta);
-    tensors::perturbed_clone(module, &first.collected, &scale, &first.skip, asam_eta)
+    tensors::perturbed_clone(module, &first.collected, &scale, asam_eta)
 }
 
 /// The direction of a cheap step: `g` plus the reuse `term` over `cache`, zeroed on the device

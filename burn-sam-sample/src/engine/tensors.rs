@@ -9,7 +9,7 @@ use std::collections::{HashMap, HashSet};
 
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId};
 use burn::optim::GradientsParams;
-use burn::tensor::{Bool, DType, Device, GradientCheckpointingStrategy, Shape, Tensor};
+use burn::tensor::{DType, Device, GradientCheckpointingStrategy, Shape, Tensor};
 
 /// The autodiff settings a parameter carries, taken from the original module and put back on
 /// its perturbed copy (the same logic as Burn's optimizer uses after an update).
@@ -139,7 +139,6 @@ struct PerturbMapper<'a> {
     grads: HashMap<ParamId, &'a Tensor<1>>,
     contexts: &'a HashMap<ParamId, ParamContext>,
     scale: &'a Tensor<1>,
-    skip: &'a Tensor<1, Bool>,
     asam_eta: Option<f64>,
 }
 
@@ -159,21 +158,17 @@ impl ModuleMapper for PerturbMapper<'_> {
             let t = weight.clone().cast(DType::F32).abs().add_scalar(eta);
             ascent = ascent * t.square();
         }
-        let skip = self.skip.clone().to_device(&device).reshape::<D, _>(ones).expand(shape);
-        let ascent = ascent.mask_fill(skip, 0.0);
         let perturbed = weight.clone() + ascent.cast(weight.dtype());
         Param::from_mapped_value(id, context.restore(perturbed, id), mapper)
     }
 }
 
 /// Builds `w + scale·g` (ASAM: `w + scale·T²g`) on a copy of `module` whose BatchNorm running
-/// statistics live in fresh cells, so the perturbed pass cannot update the original's. Where
-/// `skip` is true the ascent is zero.
+/// statistics live in fresh cells, so the perturbed pass cannot update the original's.
 pub(crate) fn perturbed_clone<M: Module>(
     module: &M,
     collected: &Collected,
     scale: &Tensor<1>,
-    skip: &Tensor<1, Bool>,
     asam_eta: Option<f64>,
 ) -> M {
     // `valid()` then `train()` rebuilds every running-state cell (they are shared between
@@ -183,7 +178,6 @@ pub(crate) fn perturbed_clone<M: Module>(
         grads: collected.grads.iter().map(|flat| (flat.id, &flat.grad)).collect(),
         contexts: &collected.contexts,
         scale,
-        skip,
         asam_eta,
     };
     fresh.map(&mut mapper)
@@ -199,7 +193,11 @@ pub(crate) fn sum_parts(parts: &[Tensor<1>], device: &Device) -> Tensor<1> {
     Tensor::cat(parts, 0).sum()
 }
 
-/// ‖t‖² in f32, as a one-element tensor on `t`'s device.
+/// ‖t‖² in f32, as a one-element tensor on `t`'s device: the dot product of `t` with itself as a
+/// 1×n by n×1 matrix product, one read of `t` and no n-sized temporary (`square().sum()` writes
+/// the squares out, then reads them back).
 pub(crate) fn square_sum(t: &Tensor<1>) -> Tensor<1> {
-    t.clone().cast(DType::F32).square().sum()
+    let n = t.dims()[0];
+    let t = t.clone().cast(DType::F32);
+    t.clone().reshape([1, n]).matmul(t.reshape([n, 1])).reshape([1])
 }
