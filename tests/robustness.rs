@@ -313,3 +313,28 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn a_non_finite_second_pass_outside_the_statistics_tail_is_caught() {
+    let device = device();
+    // With N = 1 the statistics cover `l2.bias` only; the NaN reaches `l1.weight`'s g_s alone.
+    for config in [SamConfig::sam().with_stats_last_n(1), SamConfig::vsam(2).with_stats_last_n(1)] {
+        let mut sam = config.init(base()).unwrap();
+        let model = random_mlp(&device, 5);
+        let (x, y) = random_batch(&device, 7);
+        let mut calls = 0;
+        let (model, out) = sam.step(LR, model, |m: &Mlp| {
+            calls += 1;
+            let loss = m.loss(&x, &y);
+            if calls == 2 {
+                (loss + m.l1.weight.val().sum().mul_scalar(f32::NAN), ())
+            } else {
+                (loss, ())
+            }
+        });
+        assert!(out.telemetry.sam && out.telemetry.skipped, "{:?}", out.telemetry);
+        assert_eq!(sam.engine_mut().sync_telemetry().non_finite_steps, 1);
+        assert!(params(&model).iter().all(|(_, v)| v.iter().all(|x| x.is_finite())));
+        assert!(sam.engine().to_record().cache().iter().all(|(_, data)| data.iter::<f32>().all(f32::is_finite)));
+    }
+}

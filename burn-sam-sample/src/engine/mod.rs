@@ -366,8 +366,8 @@ fn warn_skipped(step: u64, readback: &Readback) {
         );
     } else {
         log::warn!(
-            "step {step}: the loss ({}) or gradient (‖g‖² = {}) is not finite; no perturbation, the \
-             update is zeroed, nothing is cached and the gate statistics are unchanged",
+            "step {step}: the loss ({}) or gradient (‖g‖² = {}) is not finite; the update is zeroed, \
+             nothing is cached and the gate statistics are unchanged",
             readback.loss,
             readback.grad_sq
         );

@@ -9,7 +9,7 @@ use burn::module::{Module, ParamId};
 use burn::optim::GradientsParams;
 use burn::tensor::{Bool, DType, Device, Tensor};
 
-use super::tensors::{self, square_sum, sum_parts, Collected, FlatGrad};
+use super::tensors::{self, dot, square_sum, sum_parts, Collected, FlatGrad};
 use crate::config::SamConfig;
 use crate::policy::PsfStats;
 use crate::reuse::{CheapTerm, ReusePolicy};
@@ -159,7 +159,9 @@ pub(crate) struct Readback {
     pub grad_sq: f64,
     grad_tail_sq: f64,
     psf_tail_sq: f64,
-    psf_sq: f64,
+    /// Finite exactly when the second-pass gradient is (‖PSF‖² of the last N tensors plus the
+    /// sums of g_s elsewhere).
+    second_probe: f64,
     pub loss: f64,
     dot: f64,
     /// Sum of the non-finite flags handed in (cheap steps since the last read).
@@ -174,7 +176,7 @@ impl Readback {
 
     /// The second-pass gradient is finite too.
     pub fn second_ok(&self) -> bool {
-        self.first_ok() && self.psf_sq.is_finite()
+        self.first_ok() && self.second_probe.is_finite()
     }
 
     /// ‖PSF‖ and ‖PSF‖/‖g‖ over the last N tensors (ratio 0 when that ‖g‖ is 0).
@@ -188,7 +190,8 @@ impl Readback {
 
 /// A SAM step after its second pass: per parameter (g, g_s, PSF) and the host values.
 pub(crate) struct SamOutcome {
-    pairs: Vec<(FlatGrad, Tensor<1>, Tensor<1>)>,
+    /// Per parameter: g, g_s, and the PSF where it was formed.
+    pairs: Vec<(FlatGrad, Tensor<1>, Option<Tensor<1>>)>,
     pub readback: Readback,
     pub device: Device,
 }
@@ -206,29 +209,39 @@ pub(crate) fn evaluate_sam<M: Module>(
     let mut second: HashMap<ParamId, Tensor<1>> =
         tensors::collect(module, second, false, None).grads.into_iter().map(|flat| (flat.id, flat.grad)).collect();
     let look_sam = matches!(config.reuse, ReusePolicy::LookSam { .. });
+    // The PSF of a tensor is needed for the statistics (the last N tensors) and for vSAM's cache
+    // (every tensor). Elsewhere only g_s's finiteness matters, which a plain sum tells.
+    let cache_psf = matches!(config.reuse, ReusePolicy::DecayedPsf { .. });
+    let tail = collected.grads.len().saturating_sub(config.stats_last_n);
 
     let mut pairs = Vec::with_capacity(collected.grads.len());
-    let mut psf_sq_parts = Vec::with_capacity(collected.grads.len());
+    let mut psf_tail_parts = Vec::with_capacity(config.stats_last_n.min(collected.grads.len()));
+    let mut probe_parts = Vec::with_capacity(tail);
     let mut dot_parts = Vec::new();
-    for flat in collected.grads {
+    for (index, flat) in collected.grads.into_iter().enumerate() {
         // A parameter that took no part in the perturbed pass has no sharpness term.
         let sam_grad = second.remove(&flat.id).unwrap_or_else(|| flat.grad.clone());
         let grad32 = flat.grad.clone().cast(DType::F32);
         let sam32 = sam_grad.clone().cast(DType::F32);
         if look_sam {
-            dot_parts.push((grad32.clone() * sam32.clone()).sum());
+            dot_parts.push(dot(&grad32, &sam32));
         }
-        let psf = sam32 - grad32;
-        psf_sq_parts.push(square_sum(&psf));
+        let in_tail = index >= tail;
+        let psf = (in_tail || cache_psf).then(|| sam32.clone() - grad32);
+        match &psf {
+            Some(psf) if in_tail => psf_tail_parts.push(square_sum(psf)),
+            _ => probe_parts.push(sam32.sum()),
+        }
         pairs.push((flat, sam_grad, psf));
     }
-    let tail = pairs.len().saturating_sub(config.stats_last_n);
+    let psf_tail_sq = sum_parts(&psf_tail_parts, &device);
+    let probe = psf_tail_sq.clone() + sum_parts(&probe_parts, &device);
     let readback = Tensor::cat(
         vec![
             grad_sq,
             sum_parts(&grad_sq_parts[tail..], &device),
-            sum_parts(&psf_sq_parts[tail..], &device),
-            sum_parts(&psf_sq_parts, &device),
+            psf_tail_sq,
+            probe,
             loss,
             sum_parts(&dot_parts, &device),
             cheap_flags
@@ -240,11 +253,11 @@ pub(crate) fn evaluate_sam<M: Module>(
     let values: Vec<f64> = readback.into_data().iter::<f32>().map(f64::from).collect();
     // A read of another length cannot happen with a working backend; if it did, the step would
     // count as non-finite (skipped) rather than use misplaced values.
-    let [grad_sq, grad_tail_sq, psf_tail_sq, psf_sq, loss, dot, cheap_non_finite] =
+    let [grad_sq, grad_tail_sq, psf_tail_sq, second_probe, loss, dot, cheap_non_finite] =
         <[f64; 7]>::try_from(values).unwrap_or([f64::NAN; 7]);
     SamOutcome {
         pairs,
-        readback: Readback { grad_sq, grad_tail_sq, psf_tail_sq, psf_sq, loss, dot, cheap_non_finite },
+        readback: Readback { grad_sq, grad_tail_sq, psf_tail_sq, second_probe, loss, dot, cheap_non_finite },
         device,
     }
 }
@@ -257,7 +270,7 @@ impl SamOutcome {
         match reuse {
             ReusePolicy::None => None,
             ReusePolicy::DecayedPsf { .. } => {
-                Some(self.pairs.iter().map(|(flat, _, psf)| (flat.id, psf.clone())).collect())
+                Some(self.pairs.iter().filter_map(|(flat, _, psf)| Some((flat.id, psf.clone()?))).collect())
             }
             ReusePolicy::LookSam { .. } => {
                 let r = &self.readback;

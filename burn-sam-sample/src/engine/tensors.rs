@@ -197,7 +197,12 @@ pub(crate) fn sum_parts(parts: &[Tensor<1>], device: &Device) -> Tensor<1> {
 /// 1×n by n×1 matrix product, one read of `t` and no n-sized temporary (`square().sum()` writes
 /// the squares out, then reads them back).
 pub(crate) fn square_sum(t: &Tensor<1>) -> Tensor<1> {
-    let n = t.dims()[0];
-    let t = t.clone().cast(DType::F32);
-    t.clone().reshape([1, n]).matmul(t.reshape([n, 1])).reshape([1])
+    dot(t, t)
+}
+
+/// a·b in f32 as a 1×n by n×1 matrix product: one read of each, no n-sized temporary.
+pub(crate) fn dot(a: &Tensor<1>, b: &Tensor<1>) -> Tensor<1> {
+    let n = a.dims()[0];
+    let a = a.clone().cast(DType::F32).reshape([1, n]);
+    a.matmul(b.clone().cast(DType::F32).reshape([n, 1])).reshape([1])
 }
