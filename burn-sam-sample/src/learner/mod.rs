@@ -335,6 +335,8 @@ impl Shared {
             if replica.restored < *generation {
                 let steps = record.steps();
                 if let Err(err) = replica.engine.load_record(record.clone(), model) {
+                    // Documented panic: `TrainStep::step` returns no `Result`, and continuing
+                    // would train on a state that does not belong to this model.
                     panic!("the restored SAM state (taken after {steps} steps) does not fit the model: {err}");
                 }
                 replica.restored = *generation;
@@ -351,6 +353,8 @@ impl Replica {
     /// `TrainStep::optimize` does not call it.
     fn bound_round(&self, max_steps: u64) {
         if self.steps_in_round >= max_steps {
+            // Documented panic: `TrainStep::step` returns no `Result`, and continuing would let
+            // every step share one gate decision without a word.
             panic!(
                 "{} train steps ran without `SamHandle::optimize`: override `TrainStep::optimize` \
                  (and `optimize_multi`) to call it, so that one gate decision covers one optimizer \
