@@ -14,7 +14,9 @@
 //! - [`SamEngine`]: the state of a run (gate, PSF cache, counts: one value, which is also its
 //!   record) and the step written once ([`Pass`]): plan, passes, commit;
 //! - [`SamOptimizer`]: the engine plus a base optimizer, with a closure `step` for custom loops;
-//! - [`learner`] (feature `train`): the same step inside Burn's `Learner`.
+//! - [`learner`] (feature `train`): the same step inside Burn's `Learner`, its checkpointers
+//!   and [`learner::EpochLoader`] for exact resume;
+//! - [`checkpoint`]: crash-consistent checkpoint sets, for the Learner and for custom loops.
 //!
 //! Start with [`SamConfig`].
 

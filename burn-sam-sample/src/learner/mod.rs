@@ -10,6 +10,10 @@
 //! micro-batch of an accumulated step takes the same decision. The step boundary is
 //! [`SamHandle::optimize`], which the model's `TrainStep::optimize` calls.
 //!
+//! Checkpoints: [`SamTrainingExt::with_sam_checkpointing`] writes sealed sets (model, optimizer
+//! with the SAM state, scheduler) that [`verify_checkpoint`] and [`latest_checkpoint`] read;
+//! [`EpochLoader`] makes a resumed run end with the weights of the uninterrupted one.
+//!
 //! See `docs/learner.md` for the integration, the multi-device semantics and checkpointing.
 
 mod checkpoint;
