@@ -114,6 +114,9 @@ fn main() -> ExitCode {
 }
 
 fn train(options: Args) -> Result<(), Box<dyn std::error::Error>> {
+    // SAM steps allocate model-sized tensors the base step does not; keep freed memory for the
+    // next step instead of faulting it in again (glibc; see docs/backends.md).
+    burn_sam_sample::backend::keep_freed_memory();
     let args = &options.train;
     let device = backend::select(args.backend.as_deref())?;
 

@@ -106,6 +106,9 @@ fn main() -> ExitCode {
 }
 
 fn run() -> Result<(), Box<dyn std::error::Error>> {
+    // SAM steps allocate model-sized tensors the base step does not; keep freed memory for the
+    // next step instead of faulting it in again (glibc; see docs/backends.md).
+    burn_sam_sample::backend::keep_freed_memory();
     let dir = std::path::Path::new("target/learner-minimal");
     let (epochs, steps_per_epoch) = (6, 600 / 32);
     let cpu = backend::select(None)?;

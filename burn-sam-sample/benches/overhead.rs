@@ -22,7 +22,8 @@
 //!
 //! Environment: `BURN_SAM_BENCH_BACKEND` (default: flex when compiled in, else ndarray),
 //! `BURN_SAM_BENCH_REPEATS` (default 5), `BURN_SAM_BENCH_JSON` (a file to write the rows to, as
-//! `docs/benchmarks/overhead.json`).
+//! `docs/benchmarks/overhead.json`), `BURN_SAM_BENCH_KEEP_MEMORY=1` (call
+//! `backend::keep_freed_memory` first).
 
 use std::time::{Duration, Instant};
 
@@ -126,12 +127,13 @@ fn main() {
             std::process::exit(2);
         }
     };
+    let kept = std::env::var("BURN_SAM_BENCH_KEEP_MEMORY").is_ok_and(|v| v == "1") && backend::keep_freed_memory();
     let repeats: usize = std::env::var("BURN_SAM_BENCH_REPEATS").ok().and_then(|v| v.parse().ok()).unwrap_or(5).max(1);
     let sizes: [(&str, Vec<usize>); 3] =
         [("0.1M", vec![256, 256, 256, 10]), ("1M", vec![784, 1024, 256, 10]), ("10M", vec![2048, 2048, 2048, 512, 10])];
     let reuse = ReusePolicy::DecayedPsf { beta: 0.999_999, max_reuse: u32::MAX };
     let mut rows = Vec::new();
-    println!("backend {name}, {repeats} repeats; ratios: median [min, max]");
+    println!("backend {name}, {repeats} repeats, freed memory kept: {kept}; ratios: median [min, max]");
     for (label, widths) in sizes {
         device.seed(0);
         let x = Tensor::<2>::random([64, widths[0]], Distribution::Normal(0.0, 1.0), &device);
@@ -190,7 +192,7 @@ fn main() {
             sam.1, sam.2, cheap_engine.0, cheap_engine.1, cheap_engine.2, sam_engine.0, sam_engine.1, sam_engine.2
         );
         rows.push(format!(
-            "  {{\"model\": \"{label}\", \"parameters\": {params}, \"backend\": \"{name}\", \"repeats\": {repeats}, \
+            "  {{\"model\": \"{label}\", \"parameters\": {params}, \"backend\": \"{name}\", \"repeats\": {repeats}, \"freed_memory_kept\": {kept}, \
              \"steps_per_repeat\": {steps}, \"cheap_over_base\": {:.4}, \"cheap_over_base_min\": {:.4}, \
              \"cheap_over_base_max\": {:.4}, \"cheap_unguarded_over_base\": {:.4}, \"cheap_plain_over_base\": {:.4}, \
              \"sam_over_two_base\": {:.4}, \"sam_over_two_base_min\": {:.4}, \"sam_over_two_base_max\": {:.4}, \
