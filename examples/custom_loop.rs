@@ -74,7 +74,7 @@ fn train(Args { train: args, artifact_dir, resume }: Args) -> Result<(), Box<dyn
         .transpose()?;
 
     // Order and dropout of epoch e are functions of (seed, e), so a resumed run continues exactly.
-    let train_loader = EpochLoader::new(train, FashionBatcher::plain(), args.batch_size, args.seed, &train_device)
+    let train_loader = EpochLoader::new(train, FashionBatcher::plain(), args.batch_size, args.seed, &train_device)?
         .starting_at_epoch(resume.map_or(1, |epoch| epoch + 1));
     let test_loader =
         DataLoaderBuilder::new(FashionBatcher::plain()).batch_size(256).build(data.test).to_device(&device);

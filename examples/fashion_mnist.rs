@@ -152,7 +152,7 @@ fn train(options: Args) -> Result<(), Box<dyn std::error::Error>> {
     let batcher = if options.augment { FashionBatcher::augmented(args.seed) } else { FashionBatcher::plain() };
     // Order, augmentation and dropout of epoch e are functions of (seed, e): see `EpochLoader`.
     let train_loader = Arc::new(
-        EpochLoader::new(train, batcher, args.batch_size, args.seed, &train_device)
+        EpochLoader::new(train, batcher, args.batch_size, args.seed, &train_device)?
             .starting_at_epoch(resume.map_or(1, |epoch| epoch + 1)),
     );
     let test_loader =

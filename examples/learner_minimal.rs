@@ -115,7 +115,7 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
     let device = cpu.clone().autodiff();
     device.seed(0);
     let train: Arc<dyn DataLoader<Batch>> =
-        Arc::new(EpochLoader::new(points(200, 1, &cpu), PointBatcher, 32, 0, &device));
+        Arc::new(EpochLoader::new(points(200, 1, &cpu), PointBatcher, 32, 0, &device)?);
     let valid = DataLoaderBuilder::new(PointBatcher).batch_size(128).build(points(100, 2, &cpu));
     // README:start
     let model = Model {

@@ -86,7 +86,9 @@ fn dataset(count: usize, seed: u64) -> InMemDataset<Item> {
 }
 
 fn train_loader(device: &Device, first_epoch: usize) -> EpochLoader<Item, Batch> {
-    EpochLoader::new(dataset(ITEMS, 1), NoisyBatcher::default(), BATCH, SEED, device).starting_at_epoch(first_epoch)
+    EpochLoader::new(dataset(ITEMS, 1), NoisyBatcher::default(), BATCH, SEED, device)
+        .expect("a batch size of at least 1")
+        .starting_at_epoch(first_epoch)
 }
 
 /// Linear, ReLU, dropout 0.3, Linear; fixed initial weights.

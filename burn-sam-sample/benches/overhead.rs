@@ -22,7 +22,7 @@
 //!
 //! Environment: `BURN_SAM_BENCH_BACKEND` (default: flex when compiled in, else ndarray),
 //! `BURN_SAM_BENCH_REPEATS` (default 5), `BURN_SAM_BENCH_JSON` (a file to write the rows to, as
-//! `docs/benchmarks/overhead.json`), `BURN_SAM_BENCH_KEEP_MEMORY=1` (call
+//! `docs/benchmarks/overhead.json`; an absolute path, since cargo runs benches in the package folder), `BURN_SAM_BENCH_KEEP_MEMORY=1` (call
 //! `backend::keep_freed_memory` first).
 
 use std::time::{Duration, Instant};

@@ -20,6 +20,8 @@ use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
+use crate::error::{Result, SamError};
+
 /// A batcher that can restart its random draws (augmentation, say) at each epoch.
 pub trait EpochBatcher<I, O>: Batcher<I, O> {
     /// Called at the start of each epoch, before its first batch, with a seed that is a function
@@ -61,27 +63,30 @@ where
     I: Send + Sync + Clone + 'static,
     O: Send + 'static,
 {
-    /// A loader over `dataset` in batches of `batch_size` (at least 1), seeded with `seed`,
-    /// starting at epoch 1.
+    /// A loader over `dataset` in batches of `batch_size`, seeded with `seed`, starting at
+    /// epoch 1; a `batch_size` of 0 is an error naming it.
     pub fn new(
         dataset: impl Dataset<I> + 'static,
         batcher: impl EpochBatcher<I, O> + 'static,
         batch_size: usize,
         seed: u64,
         device: &Device,
-    ) -> Self {
-        Self {
+    ) -> Result<Self> {
+        if batch_size == 0 {
+            return Err(SamError::invalid("batch_size", batch_size, "must be at least 1"));
+        }
+        Ok(Self {
             dataset: Arc::new(dataset),
             batcher: Arc::new(batcher),
-            batch_size: batch_size.max(1),
+            batch_size,
             seed,
             device: device.clone(),
             next_epoch: Arc::new(AtomicUsize::new(1)),
-        }
+        })
     }
 
-    /// Starts at epoch `epoch` (1-based): `resume + 1` when the run resumes from the checkpoint
-    /// of epoch `resume`.
+    /// Starts at epoch `epoch`: `resume + 1` when the run resumes from the checkpoint of epoch
+    /// `resume`. Epochs count from 1, as Burn's do; 0 means 1.
     pub fn starting_at_epoch(self, epoch: usize) -> Self {
         self.next_epoch.store(epoch.max(1), Ordering::SeqCst);
         self
@@ -189,7 +194,7 @@ mod tests {
     #[test]
     fn each_epoch_is_a_function_of_the_seed_and_the_epoch() {
         let device = crate::backend::cpu_device();
-        let loader = || EpochLoader::new(InMemDataset::new((0..10).collect()), Identity, 4, 7, &device);
+        let loader = || EpochLoader::new(InMemDataset::new((0..10).collect()), Identity, 4, 7, &device).unwrap();
         let straight = loader();
         let epochs: Vec<_> = (0..3).map(|_| epoch(&straight)).collect();
         assert_ne!(epochs[0], epochs[1], "a new order each epoch");
@@ -200,6 +205,8 @@ mod tests {
         let resumed = loader().starting_at_epoch(3);
         assert_eq!(epoch(&resumed), epochs[2], "epoch 3 after a restart equals epoch 3 of the run");
         let moved = straight.to_device(&device);
+        let err = EpochLoader::new(InMemDataset::new(vec![1usize]), Identity, 0, 7, &device).err().unwrap();
+        assert!(err.to_string().contains("`batch_size` = 0"), "{err}");
         assert_eq!(moved.iter().collect::<Result<Vec<_>, _>>().unwrap(), epoch(&loader().starting_at_epoch(4)));
     }
 }
