@@ -53,4 +53,39 @@ fn main() {
     time("add (g + term, w + ε)", &|| g.clone() + psf.clone());
     time("sub (PSF = g_s − g)", &|| g.clone() - psf.clone());
     time("mask_fill by an expanded flag (guard)", &|| g.clone().mask_fill(skip.clone().expand([n]), 0.0));
+    // The same operations on a uniquely owned operand, which a backend may update in place (flex
+    // does): what an engine-internal or fused kernel would cost at best.
+    let in_place = |label: &str, op: &dyn Fn(Tensor<1>) -> Tensor<1>| {
+        let mut owned = g.clone() + 0.0;
+        for _ in 0..3 {
+            owned = op(owned);
+        }
+        let _ = device.sync();
+        let start = Instant::now();
+        for _ in 0..20 {
+            owned = op(owned);
+        }
+        let _ = device.sync();
+        println!("{label:<40} {:.3} ms", start.elapsed().as_secs_f64() * 1000.0 / 20.0);
+    };
+    in_place("add into an owned tensor (g += PSF)", &|owned| owned + psf.clone());
+    in_place("mul_scalar of an owned tensor", &|owned| owned.mul_scalar(0.999_999));
+    in_place("mask_fill of an owned tensor", &|owned| owned.mask_fill(skip.clone().expand([n]), 0.0));
+
+    // A weight gradient as backward returns it (a 2048×2048 Linear, batch 64): the layout the
+    // base optimizer and the engine receive. An operation on it costs more than on a contiguous
+    // tensor when the layout is strided; the engine flattens it (a copy in that case).
+    let autodiff = device.clone().autodiff();
+    let layer = burn::nn::LinearConfig::new(2048, 2048).init(&autodiff);
+    let x = Tensor::<2>::random([64, 2048], Distribution::Normal(0.0, 1.0), &autodiff);
+    let mut grads = layer.forward(x).sum().backward();
+    if let Some(weight_grad) = layer.weight.val().grad_remove(&mut grads) {
+        let fixed = Tensor::<2>::random([2048, 2048], Distribution::Normal(0.0, 1.0), &device);
+        let contiguous = weight_grad.clone() + 0.0;
+        let time2 = |label: &str, op: &dyn Fn() -> Tensor<2>| time(label, &|| op().reshape([-1]));
+        time2("add, a weight gradient as returned (4.2 M)", &|| weight_grad.clone() + fixed.clone());
+        time2("add, the same values contiguous (4.2 M)", &|| contiguous.clone() + fixed.clone());
+        time("flatten a weight gradient (4.2 M)", &|| weight_grad.clone().reshape([2048 * 2048]));
+        time("flatten the contiguous copy (4.2 M)", &|| contiguous.clone().reshape([2048 * 2048]));
+    }
 }

@@ -6,15 +6,20 @@
 //! - `cheap_unguarded`: the same without the non-finite guard;
 //! - `cheap_plain`: a cheap step without reuse and without guard: only the engine's bookkeeping;
 //! - `sam`: a SAM step (two forward/backward passes, perturbed clone, PSF, one host read, SGD),
-//!   compared with two base steps.
+//!   compared with two base steps;
+//! - `minimum`: the base step with `g + t` added in place per parameter (`t` a fixed tensor of the
+//!   gradient's shape), outside the engine: the memory traffic of the least a reuse step needs,
+//!   one fused `g + c·PSF` (read 2n, write n), so `minimum/base` is the floor of `cheap/base` on
+//!   this backend and `cheap_unguarded/minimum` the engine's excess over it.
 //!
 //! `cheap_plain` is also the base optimizer's step as it runs behind the engine, which hands it
 //! contiguous (flattened and reshaped) gradients; on flex that step is often faster than the bare
 //! one, so the ratios over `cheap_plain` isolate the engine's own tensor work.
 //!
 //! Each repeat times single steps of every kind in rotation (the order shifts by one each round),
-//! so slow phases of a shared machine hit all kinds alike; a repeat's ratio is that of the kinds'
-//! median step times, and the repeats' ratios are reported as median, min and max.
+//! about 1.5 s of base steps per kind; a round's ratios compare steps run one after the other, so
+//! slow phases of a shared machine, which last longer than a round, cancel out. A repeat's ratio
+//! is the median over its rounds, and the repeats' ratios are reported as median, min and max.
 //!
 //! ```text
 //! cargo bench -p burn-sam-sample --bench overhead --no-default-features --features flex,train
@@ -77,6 +82,10 @@ fn backend_name() -> String {
 enum Stepper {
     Base(Option<Mlp>, ModuleOptimizer),
     Sam(Option<Mlp>, Box<SamOptimizer>),
+    /// The base step plus `g + t` per parameter, `t` a fixed tensor of the gradient's shape: the
+    /// memory traffic of the least a reuse step needs (one fused `g + c·PSF`: read 2n, write n),
+    /// in place, with no allocation.
+    Minimum(Option<Mlp>, ModuleOptimizer, Mlp),
 }
 
 impl Stepper {
@@ -90,6 +99,21 @@ impl Stepper {
             Self::Sam(model, optim) => {
                 let Some(current) = model.take() else { return };
                 *model = Some(optim.step(0.001, current, |m: &Mlp| (m.loss(x, y), ())).0);
+            }
+            Self::Minimum(model, optim, term) => {
+                let Some(current) = model.take() else { return };
+                let mut grads = GradientsParams::from_grads(current.loss(x, y).backward(), &current);
+                for (layer, fixed) in current.layers.iter().zip(&term.layers) {
+                    if let Some(g) = grads.remove::<2>(layer.weight.id) {
+                        grads.register(layer.weight.id, g + fixed.weight.val().inner());
+                    }
+                    if let (Some(bias), Some(fixed)) = (&layer.bias, &fixed.bias) {
+                        if let Some(g) = grads.remove::<1>(bias.id) {
+                            grads.register(bias.id, g + fixed.val().inner());
+                        }
+                    }
+                }
+                *model = Some(optim.step(0.001, current, grads));
             }
         }
     }
@@ -108,6 +132,10 @@ impl Stepper {
 
 fn cheap(reuse: ReusePolicy, guard: bool) -> SamConfig {
     SamConfig::new().with_policy(GatePolicy::Periodic { k: usize::MAX }).with_reuse(reuse).with_guard_non_finite(guard)
+}
+
+fn round4(value: f64) -> f64 {
+    (value * 1e4).round() / 1e4
 }
 
 fn median_min_max(mut values: Vec<f64>) -> (f64, f64, f64) {
@@ -149,59 +177,92 @@ fn main() {
             ("cheap_unguarded", sam_of(cheap(reuse.clone(), false))),
             ("cheap_plain", sam_of(cheap(ReusePolicy::None, false))),
             ("sam", sam_of(SamConfig::sam())),
+            ("minimum", Stepper::Minimum(Some(Mlp::new(&widths, &device)), base(), Mlp::new(&widths, &device))),
         ];
-        // Warm up (the cheap kinds' first step is their one SAM step) and size the blocks to
-        // about half a second of base steps.
+        // Warm up (the cheap kinds' first step is their one SAM step) and size a repeat to about
+        // 1.5 s of base steps.
         for (_, stepper) in kinds.iter_mut() {
             for _ in 0..3 {
                 stepper.step(&x, &y);
             }
         }
         let per_base = kinds[0].1.time(3, &x, &y, &device);
-        let steps = ((Duration::from_millis(500).as_secs_f64() / per_base).ceil() as usize).clamp(5, 100);
-        let mut ratios: Vec<[f64; 6]> = Vec::with_capacity(repeats);
+        let rounds = ((Duration::from_millis(1500).as_secs_f64() / per_base).ceil() as usize).clamp(20, 300);
+        let mut ratios: Vec<[f64; 8]> = Vec::with_capacity(repeats);
+        let mut base_ms = Vec::with_capacity(repeats);
         for _ in 0..repeats {
-            let mut times: [Vec<f64>; 5] = Default::default();
-            for round in 0..steps {
+            // Per round, each kind's step over the base (or engine-base) step of the same round, so
+            // that a slow phase of the machine, which lasts longer than a round, cancels out.
+            let mut per_round: [Vec<f64>; 8] = Default::default();
+            let mut base_times = Vec::with_capacity(rounds);
+            for round in 0..rounds {
+                let mut times = [0.0; 6];
                 for offset in 0..kinds.len() {
                     let kind = (round + offset) % kinds.len();
-                    times[kind].push(kinds[kind].1.time(1, &x, &y, &device));
+                    times[kind] = kinds[kind].1.time(1, &x, &y, &device);
+                }
+                let [base, cheap, unguarded, plain, sam, minimum] = times;
+                base_times.push(base);
+                let round_ratios = [
+                    cheap / base,
+                    unguarded / base,
+                    plain / base,
+                    sam / (2.0 * base),
+                    cheap / plain,
+                    sam / (2.0 * plain),
+                    minimum / base,
+                    unguarded / minimum,
+                ];
+                for (column, ratio) in per_round.iter_mut().zip(round_ratios) {
+                    column.push(ratio);
                 }
             }
-            let median = |values: &[f64]| median_min_max(values.to_vec()).0;
-            let base = median(&times[0]);
-            let plain = median(&times[3]);
-            ratios.push([
-                median(&times[1]) / base,
-                median(&times[2]) / base,
-                plain / base,
-                median(&times[4]) / (2.0 * base),
-                median(&times[1]) / plain,
-                median(&times[4]) / (2.0 * plain),
-            ]);
+            base_ms.push(median_min_max(base_times).0 * 1000.0);
+            ratios.push(per_round.map(|column| median_min_max(column).0));
         }
         let column = |i: usize| median_min_max(ratios.iter().map(|r| r[i]).collect());
-        let (cheap, unguarded, plain, sam) = (column(0), column(1), column(2), column(3));
-        let (cheap_engine, sam_engine) = (column(4), column(5));
+        let [cheap, unguarded, plain, sam, cheap_engine, sam_engine, minimum, over_minimum] =
+            std::array::from_fn(column);
+        let base_ms = median_min_max(base_ms).0;
+        let show = |(median, min, max): (f64, f64, f64)| format!("{median:.3} [{min:.3}, {max:.3}]");
         println!(
-            "model {label} ({params} parameters, {steps} steps of each kind per repeat): cheap/base {:.3} [{:.3}, {:.3}], \
-             cheap_unguarded/base {:.3} [{:.3}, {:.3}], cheap_plain/base {:.3} [{:.3}, {:.3}], \
-             sam/two_base {:.3} [{:.3}, {:.3}]; over the engine's base step: cheap {:.3} [{:.3}, {:.3}], \
-             sam/two {:.3} [{:.3}, {:.3}]",
-            cheap.0, cheap.1, cheap.2, unguarded.0, unguarded.1, unguarded.2, plain.0, plain.1, plain.2, sam.0,
-            sam.1, sam.2, cheap_engine.0, cheap_engine.1, cheap_engine.2, sam_engine.0, sam_engine.1, sam_engine.2
+            "model {label} ({params} parameters, {rounds} rounds per repeat, base step {base_ms:.2} ms): cheap/base {}, \
+             cheap_unguarded/base {}, cheap_plain/base {}, sam/two_base {}, minimum/base {}, \
+             cheap_unguarded/minimum {}; over the engine's base step: cheap {}, sam/two {}",
+            show(cheap),
+            show(unguarded),
+            show(plain),
+            show(sam),
+            show(minimum),
+            show(over_minimum),
+            show(cheap_engine),
+            show(sam_engine)
         );
-        rows.push(format!(
-            "  {{\"model\": \"{label}\", \"parameters\": {params}, \"backend\": \"{name}\", \"repeats\": {repeats}, \"freed_memory_kept\": {kept}, \
-             \"steps_per_repeat\": {steps}, \"cheap_over_base\": {:.4}, \"cheap_over_base_min\": {:.4}, \
-             \"cheap_over_base_max\": {:.4}, \"cheap_unguarded_over_base\": {:.4}, \"cheap_plain_over_base\": {:.4}, \
-             \"sam_over_two_base\": {:.4}, \"sam_over_two_base_min\": {:.4}, \"sam_over_two_base_max\": {:.4}, \
-             \"cheap_over_engine_base\": {:.4}, \"sam_over_two_engine_base\": {:.4}}}",
-            cheap.0, cheap.1, cheap.2, unguarded.0, plain.0, sam.0, sam.1, sam.2, cheap_engine.0, sam_engine.0
-        ));
+        rows.push(serde_json::json!({
+            "model": label,
+            "parameters": params,
+            "backend": name,
+            "repeats": repeats,
+            "freed_memory_kept": kept,
+            "fusion": cfg!(feature = "fusion"),
+            "rounds_per_repeat": rounds,
+            "base_step_ms": round4(base_ms),
+            "cheap_over_base": round4(cheap.0),
+            "cheap_over_base_min": round4(cheap.1),
+            "cheap_over_base_max": round4(cheap.2),
+            "cheap_unguarded_over_base": round4(unguarded.0),
+            "cheap_plain_over_base": round4(plain.0),
+            "sam_over_two_base": round4(sam.0),
+            "sam_over_two_base_min": round4(sam.1),
+            "sam_over_two_base_max": round4(sam.2),
+            "minimum_over_base": round4(minimum.0),
+            "cheap_unguarded_over_minimum": round4(over_minimum.0),
+            "cheap_over_engine_base": round4(cheap_engine.0),
+            "sam_over_two_engine_base": round4(sam_engine.0),
+        }));
     }
     if let Ok(path) = std::env::var("BURN_SAM_BENCH_JSON") {
-        let json = format!("[\n{}\n]\n", rows.join(",\n"));
+        let json = serde_json::to_string_pretty(&rows).unwrap_or_default() + "\n";
         if let Err(err) = std::fs::write(&path, json) {
             eprintln!("error: cannot write {path}: {err}");
             std::process::exit(1);
