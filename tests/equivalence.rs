@@ -43,11 +43,16 @@ fn hand_written_sam(mut model: Mlp, steps: usize, rho: f64) -> Mlp {
     for step in 0..steps {
         let (x, y) = random_batch(&device, 100 + step as u64);
         let grads = GradientsParams::from_grads(model.loss(&x, &y).backward(), &model);
-        // ‖g‖² per tensor as the dot product of the flattened gradient with itself, the
-        // arithmetic the engine uses (one read, no temporary of squares).
+        // ‖g‖² per tensor with the engine's arithmetic: a 1×n by n×1 matrix product on the CPU
+        // backends, a product and a sum elsewhere.
+        let on_cpu = burn_sam_sample::backend::runs_on_cpu(&device);
         let dot = |t: Tensor<1>| {
             let n = t.dims()[0];
-            t.clone().reshape([1, n]).matmul(t.reshape([n, 1])).reshape([1])
+            if on_cpu {
+                t.clone().reshape([1, n]).matmul(t.reshape([n, 1])).reshape([1])
+            } else {
+                (t.clone() * t).sum()
+            }
         };
         let flat2 = |t: Tensor<2>| t.flatten::<1>(0, 1);
         let parts: Vec<Tensor<1>> = vec![

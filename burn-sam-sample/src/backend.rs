@@ -95,6 +95,23 @@ pub fn keep_freed_memory() -> bool {
     }
 }
 
+/// Whether `device` belongs to one of this crate's CPU backends (`flex`, `ndarray`), with or
+/// without autodiff. The engine computes its dot products (‖g‖², ‖PSF‖²) as matrix products there
+/// and as a product and a sum elsewhere, whichever is faster on each kind of backend.
+pub fn runs_on_cpu(device: &Device) -> bool {
+    #[cfg(feature = "flex")]
+    if *device == Device::flex() {
+        return true;
+    }
+    #[cfg(feature = "ndarray")]
+    #[allow(deprecated)]
+    if *device == Device::ndarray() {
+        return true;
+    }
+    let _ = device;
+    false
+}
+
 /// The CPU device of the enabled CPU backend: `ndarray` when its feature is on, else `flex`.
 ///
 /// Tests name their device through this function rather than `Device::default()`, which would
@@ -119,6 +136,15 @@ mod tests {
     #[test]
     fn keeping_freed_memory_takes_effect_on_glibc() {
         assert_eq!(keep_freed_memory(), cfg!(all(target_os = "linux", target_env = "gnu")));
+    }
+
+    #[cfg(any(feature = "ndarray", feature = "flex"))]
+    #[test]
+    fn cpu_devices_are_recognized_with_or_without_autodiff() {
+        assert!(runs_on_cpu(&cpu_device()));
+        assert!(runs_on_cpu(&cpu_device().autodiff()));
+        #[cfg(feature = "wgpu")]
+        assert!(!runs_on_cpu(&Device::wgpu(burn::tensor::DeviceKind::DefaultDevice)));
     }
 
     #[test]
