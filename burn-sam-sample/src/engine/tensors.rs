@@ -204,9 +204,9 @@ pub(crate) fn square_sum(t: &Tensor<1>) -> Tensor<1> {
 ///
 /// On the CPU backends this is a 1×n by n×1 matrix product: one read of each operand and no
 /// n-sized temporary, 3× faster on flex than multiplying and summing (`benches/ops.rs`). Elsewhere
-/// it is a product and a sum: a GPU matrix product of that shape has a single output tile to
-/// spread over the device (on lavapipe it measured 1.3× slower than square + sum), while a sum
-/// is a parallel reduction (and fuses with the product under Burn's `fusion`).
+/// it is a product and a sum: a matrix product of that shape has one output element, which leaves
+/// a GPU matrix kernel little to spread over the device, while a sum is a parallel reduction (on
+/// lavapipe the matrix product measured 1.3× slower than square + sum).
 pub(crate) fn dot(a: &Tensor<1>, b: &Tensor<1>) -> Tensor<1> {
     let a = a.clone().cast(DType::F32);
     let b = b.clone().cast(DType::F32);
