@@ -72,7 +72,7 @@ pub fn select(name: Option<&str>) -> Result<Device> {
 /// A SAM step allocates two model-sized tensors a base step does not (the ascent and the PSF).
 /// With glibc's default thresholds, memory freed at the end of a step is returned to the system
 /// and faulted in again at the next step; on this project's benchmark that made a SAM step cost
-/// 1.17–1.36 times two base steps instead of 0.99–1.04 (`docs/benchmarks.md`). This sets glibc's
+/// 1.20–1.34 times two base steps instead of 0.97–1.06 (`docs/benchmarks.md`). This sets glibc's
 /// `M_MMAP_THRESHOLD` to 32 MiB (its largest value: blocks up to that size come from the heap,
 /// larger ones are mapped as before) and `M_TRIM_THRESHOLD` to 2 GiB (free memory at the top of
 /// the heap is kept), process-wide. It is the same as starting the program with
