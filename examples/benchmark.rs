@@ -810,6 +810,7 @@ fn header(args: &Args, train_len: usize, test_len: usize, minutes: f64, device: 
 }
 
 fn main() -> ExitCode {
+    burn_sam_sample_examples::process::end_quietly_on_closed_output();
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
     let args = Args::parse();
     // Method names depend on --budget (`periodic{k}-reuse`), so they are checked here, as a

@@ -21,11 +21,12 @@ use burn_sam_sample::backend;
 use burn_sam_sample::checkpoint::CheckpointSet;
 use burn_sam_sample::learner::EpochLoader;
 use burn_sam_sample::SamOptimizerRecord;
-use burn_sam_sample_examples::cli::{parse, Resume, TrainArgs};
+use burn_sam_sample_examples::cli::{ResumeArgs, TrainArgs};
 use burn_sam_sample_examples::evaluate_loader;
 use burn_sam_sample_examples::fashion::{subset, FashionBatcher, FashionMnist, Fetch};
 use burn_sam_sample_examples::methods::cosine_lr;
 use burn_sam_sample_examples::model::{Cnn, CnnConfig};
+use burn_sam_sample_examples::process::{end_quietly_on_closed_output, weights_digest};
 use clap::Parser;
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -34,18 +35,23 @@ use indicatif::{ProgressBar, ProgressStyle};
 struct Args {
     #[command(flatten)]
     train: TrainArgs,
-    /// Where to save the model and optimizer state after each epoch.
+    /// Where to save the model and optimizer state after each epoch; one run at a time (a second
+    /// one is refused).
     #[arg(long, default_value = "target/custom-loop")]
     artifact_dir: PathBuf,
-    /// Resume from the state saved after this epoch in the artifact directory, or from the newest
-    /// complete one (`latest`). The resumed run ends with the weights of an uninterrupted one.
-    #[arg(long, value_parser = parse::resume)]
-    resume: Option<Resume>,
+    #[command(flatten)]
+    resume: ResumeArgs,
 }
 
 fn main() -> ExitCode {
+    end_quietly_on_closed_output();
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
-    match train(Args::parse()) {
+    let args = Args::parse();
+    if let Err(error) = args.train.check() {
+        eprintln!("error: {error}");
+        return ExitCode::from(2);
+    }
+    match train(args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("error: {error}");
@@ -67,15 +73,25 @@ fn train(Args { train: args, artifact_dir, resume }: Args) -> Result<(), Box<dyn
     if artifact_dir.exists() && !artifact_dir.is_dir() {
         return Err(format!("--artifact-dir {} exists and is not a folder", artifact_dir.display()).into());
     }
-    // One sealed set per epoch: the model and the optimizer (base optimizer + SAM state).
-    let checkpoints = CheckpointSet::new(&artifact_dir, &["model", "optim"]);
-    let resume = resume
-        .map(|resume| resume.epoch(args.epochs, || checkpoints.latest().map_err(|e| e.to_string())))
-        .transpose()?;
+    // One sealed set per epoch: the model and the optimizer (base optimizer + SAM state), of this
+    // run only; the writer holds the directory's lock for the run.
+    let run = args.fingerprint(&format!("{device:?}"), warmup).with("--weight-decay", 5e-4).with("--momentum", 0.9);
+    let checkpoints = resume.sets(CheckpointSet::new(&artifact_dir, &["model", "optim"]), run).writer()?;
+    let resume_from = match resume.resume {
+        Some(resume) => {
+            let epoch = resume.epoch(&checkpoints)?;
+            checkpoints.check_resume(epoch, args.epochs).map_err(|err| format!("--resume {epoch}: {err}"))?;
+            Some(epoch)
+        }
+        None => {
+            checkpoints.start_fresh(resume.overwrite)?;
+            None
+        }
+    };
 
     // Order and dropout of epoch e are functions of (seed, e), so a resumed run continues exactly.
     let train_loader = EpochLoader::new(train, FashionBatcher::plain(), args.batch_size, args.seed, &train_device)?
-        .starting_at_epoch(resume.map_or(1, |epoch| epoch + 1));
+        .starting_at_epoch(resume_from.map_or(1, |epoch| epoch + 1));
     let test_loader =
         DataLoaderBuilder::new(FashionBatcher::plain()).batch_size(256).build(data.test).to_device(&device);
 
@@ -87,15 +103,12 @@ fn train(Args { train: args, artifact_dir, resume }: Args) -> Result<(), Box<dyn
         .init();
     let mut optim = args.method.config(total_steps, warmup, args.rho, args.seed).init(base)?;
     let loss_fn = CrossEntropyLossConfig::new().init(&train_device);
-    std::fs::create_dir_all(&artifact_dir)?;
-    checkpoints.remove_stale_temporaries()?;
-    let first_epoch = match resume {
+    let first_epoch = match resume_from {
         Some(epoch) => {
-            checkpoints.verify(epoch)?;
             model = model.try_load_file(checkpoints.file("model", epoch))?;
             let record = SamOptimizerRecord::load(checkpoints.file("optim", epoch))?;
             optim.load_record(record, &model).map_err(|e| format!("--resume {epoch}: {e}"))?;
-            println!("resumed from the state saved after epoch {epoch}");
+            println!("resumed from the state saved after epoch {epoch} in {}", checkpoints.directory().display());
             epoch + 1
         }
         None => 1,
@@ -145,5 +158,6 @@ fn train(Args { train: args, artifact_dir, resume }: Args) -> Result<(), Box<dyn
         t.step,
         start.elapsed().as_secs_f64(),
     );
+    println!("weights digest {}", weights_digest(&model));
     Ok(())
 }

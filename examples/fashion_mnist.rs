@@ -28,14 +28,15 @@ use burn::train::metric::{AccuracyMetric, LossMetric};
 use burn::train::{ClassificationOutput, InferenceStep, Learner, SupervisedTraining, TrainOutput, TrainStep};
 use burn_sam_sample::backend;
 use burn_sam_sample::learner::{
-    latest_checkpoint, verify_checkpoint, EpochLoader, GradientPassesMetric, PsfRatioMetric, SamFractionMetric,
-    SamHandle, SamOutput, SamQuotaMetric, SamTargetMetric, SamTrainingExt,
+    checkpoint_set, verify_checkpoint, EpochLoader, GradientPassesMetric, PsfRatioMetric, SamFractionMetric, SamHandle,
+    SamOutput, SamQuotaMetric, SamTargetMetric, SamTrainingExt,
 };
-use burn_sam_sample_examples::cli::{parse, Resume, TrainArgs};
+use burn_sam_sample_examples::cli::{parse, ResumeArgs, TrainArgs};
 use burn_sam_sample_examples::evaluate_loader;
 use burn_sam_sample_examples::fashion::{subset, FashionBatch, FashionBatcher, FashionMnist, Fetch};
 use burn_sam_sample_examples::methods::Method;
 use burn_sam_sample_examples::model::{Cnn, CnnConfig};
+use burn_sam_sample_examples::process::{end_quietly_on_closed_output, weights_digest};
 use clap::Parser;
 
 /// Train a CNN on Fashion-MNIST with a member of the SAM family.
@@ -55,13 +56,11 @@ struct Args {
     /// a resumed run continues exactly.
     #[arg(long, default_value_t = 1, value_parser = parse::positive_usize)]
     workers: usize,
-    /// Where metric logs and checkpoints go.
+    /// Where metric logs and checkpoints go; one run at a time (a second one is refused).
     #[arg(long, default_value = "target/fashion-mnist")]
     artifact_dir: PathBuf,
-    /// Resume from the checkpoint of this epoch in the artifact directory, or from the newest
-    /// complete one (`latest`). The resumed run ends with the weights of an uninterrupted one.
-    #[arg(long, value_parser = parse::resume)]
-    resume: Option<Resume>,
+    #[command(flatten)]
+    resume: ResumeArgs,
     /// Exit with an error when the test accuracy is not above this fraction.
     #[arg(long, value_parser = parse::fraction)]
     min_accuracy: Option<f64>,
@@ -103,8 +102,14 @@ impl InferenceStep for Classifier {
 }
 
 fn main() -> ExitCode {
+    end_quietly_on_closed_output();
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
-    match train(Args::parse()) {
+    let args = Args::parse();
+    if let Err(error) = args.train.check() {
+        eprintln!("error: {error}");
+        return ExitCode::from(2);
+    }
+    match train(args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("error: {error}");
@@ -140,15 +145,32 @@ fn train(options: Args) -> Result<(), Box<dyn std::error::Error>> {
     );
 
     let config = args.method.config(total_steps, warmup, args.rho, args.seed);
+    // The checkpoints of this run only: the lock is taken (one run per directory) and the
+    // directory created before Burn starts, so that a folder that cannot be made is an error here.
+    let run = args
+        .fingerprint(&format!("{device:?}"), warmup)
+        .with("--augment", options.augment)
+        .with("--weight-decay", 5e-4)
+        .with("--momentum", 0.9);
+    let checkpoints = options.resume.sets(checkpoint_set(&options.artifact_dir), run).writer()?;
+    let resume = match options.resume.resume {
+        Some(resume) => {
+            let epoch = resume.epoch(&checkpoints)?;
+            verify_checkpoint(&checkpoints, epoch, args.epochs, &config)
+                .map_err(|err| format!("--resume {epoch}: {err}"))?;
+            println!("resuming from checkpoint {epoch} in {}", checkpoints.directory().display());
+            Some(epoch)
+        }
+        None => {
+            checkpoints.start_fresh(options.resume.overwrite)?;
+            None
+        }
+    };
     let train_device = device.clone().autodiff();
     train_device.seed(args.seed);
     let model = Classifier { net: CnnConfig::new().init(&train_device), sam: SamHandle::new(&config)? };
     let sam = model.sam.clone();
 
-    let resume = options
-        .resume
-        .map(|resume| resume.epoch(args.epochs, || latest_checkpoint(&options.artifact_dir).map_err(|e| e.to_string())))
-        .transpose()?;
     let batcher = if options.augment { FashionBatcher::augmented(args.seed) } else { FashionBatcher::plain() };
     // Order, augmentation and dropout of epoch e are functions of (seed, e): see `EpochLoader`.
     let train_loader = Arc::new(
@@ -172,21 +194,28 @@ fn train(options: Args) -> Result<(), Box<dyn std::error::Error>> {
         .metric_train_numeric(SamQuotaMetric::new())
         .metric_train_numeric(SamTargetMetric::new())
         .metric_train_numeric(PsfRatioMetric::new())
-        .with_sam_checkpointing(&options.artifact_dir, &sam, KeepLastNCheckpoints::new(2))
+        .with_sam_checkpointing(&checkpoints, &sam, KeepLastNCheckpoints::new(2))
         // Log records go to stderr through env_logger, not to Burn's experiment log file.
         .with_application_logger(None)
         .summary();
     if let Some(epoch) = resume {
-        verify_checkpoint(&options.artifact_dir, epoch, &config)
-            .map_err(|err| format!("--resume {epoch} in {}: {err}", options.artifact_dir.display()))?;
         training = training.checkpoint(epoch);
     }
+    let interrupter = training.interrupter();
 
     let start = Instant::now();
     let result = training.launch(Learner::new(model, base, schedule));
     let elapsed = start.elapsed().as_secs_f64();
     if let Some(error) = result.error {
         return Err(format!("training failed: {error}").into());
+    }
+    if let Some(interruption) = interrupter.interruption() {
+        return Err(format!(
+            "training was interrupted ({}) before its {} epochs; --resume latest continues it from its last checkpoint",
+            interruption.reason.as_deref().unwrap_or("no reason given"),
+            args.epochs
+        )
+        .into());
     }
 
     let accuracy = evaluate_loader(&result.model.net, test_loader.to_device(&device).as_ref())?;
@@ -201,6 +230,7 @@ fn train(options: Args) -> Result<(), Box<dyn std::error::Error>> {
         telemetry.step,
         telemetry.non_finite_steps,
     );
+    println!("weights digest {}", weights_digest(&result.model.net));
     if let Some(min) = options.min_accuracy {
         if accuracy <= min {
             return Err(format!("test accuracy {:.4} is not above the required {min}", accuracy).into());

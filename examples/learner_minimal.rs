@@ -96,6 +96,7 @@ impl InferenceStep for Model {
 }
 
 fn main() -> ExitCode {
+    burn_sam_sample_examples::process::end_quietly_on_closed_output();
     match run() {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
@@ -123,11 +124,12 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         l2: LinearConfig::new(64, 3).init(&device),
         sam: SamHandle::new(&SamConfig::vsam(steps_per_epoch))?,
     };
+    let checkpoints = checkpoint_set(dir).writer()?;
     let result = SupervisedTraining::new(dir, train, valid)
         .num_epochs(epochs)
         .metrics((AccuracyMetric::new(), LossMetric::new()))
         .metric_train_numeric(SamFractionMetric::new())
-        .with_sam_checkpointing(dir, &model.sam, KeepLastNCheckpoints::new(2))
+        .with_sam_checkpointing(&checkpoints, &model.sam, KeepLastNCheckpoints::new(2))
         .launch(Learner::new(model, SgdConfig::new().init(), 0.1));
     // README:end
     if let Some(error) = result.error {

@@ -7,6 +7,7 @@
 //! cargo run --release -p burn-sam-sample-examples --example quickstart
 //! ```
 
+use std::process::ExitCode;
 use std::time::Instant;
 
 use burn::nn::loss::CrossEntropyLossConfig;
@@ -14,6 +15,8 @@ use burn::nn::{Linear, LinearConfig, Relu};
 use burn::optim::{momentum::MomentumConfig, SgdConfig};
 use burn::prelude::*;
 use burn_sam_sample::{backend, SamConfig};
+use burn_sam_sample_examples::cli::parse;
+use burn_sam_sample_examples::process::end_quietly_on_closed_output;
 use burn_sam_sample_examples::{accuracy, spirals};
 use clap::Parser;
 
@@ -23,8 +26,8 @@ struct Args {
     /// Backend: ndarray, flex, wgpu or cuda (default: the most capable one compiled in).
     #[arg(long)]
     backend: Option<String>,
-    /// Training steps per method.
-    #[arg(long, default_value_t = 600)]
+    /// Training steps per method (at least 1).
+    #[arg(long, default_value_t = 600, value_parser = parse::positive_usize)]
     steps: usize,
     /// Seed of data and model.
     #[arg(long, default_value_t = 0)]
@@ -56,9 +59,19 @@ impl Net {
     }
 }
 
-fn main() -> Result<(), Box<dyn std::error::Error>> {
+fn main() -> ExitCode {
+    end_quietly_on_closed_output();
     env_logger::init();
-    let args = Args::parse();
+    match compare(Args::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn compare(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let device = backend::select(args.backend.as_deref())?;
     println!("backend: {device:?}");
     let (x_train, y_train) = spirals(100, 0.6, args.seed, &device);

@@ -8,6 +8,7 @@
 //! cargo run --release -p burn-sam-sample-examples --example soak -- --steps 20000
 //! ```
 
+use std::process::ExitCode;
 use std::time::Instant;
 
 use burn::nn::{Linear, LinearConfig, Relu};
@@ -15,13 +16,15 @@ use burn::optim::{momentum::MomentumConfig, SgdConfig};
 use burn::prelude::*;
 use burn::tensor::Distribution;
 use burn_sam_sample::{backend, SamConfig};
+use burn_sam_sample_examples::cli::parse;
+use burn_sam_sample_examples::process::end_quietly_on_closed_output;
 use clap::Parser;
 
 /// Run many vSAM steps and watch memory.
 #[derive(Parser, Debug)]
 struct Args {
-    /// Steps to run.
-    #[arg(long, default_value_t = 20_000)]
+    /// Steps to run (at least 1).
+    #[arg(long, default_value_t = 20_000, value_parser = parse::positive_usize)]
     steps: usize,
     /// Backend: ndarray, flex, wgpu or cuda.
     #[arg(long)]
@@ -42,9 +45,19 @@ fn rss_mib() -> Option<f64> {
     Some(pages * 4096.0 / (1024.0 * 1024.0))
 }
 
-fn main() -> Result<(), Box<dyn std::error::Error>> {
+fn main() -> ExitCode {
+    end_quietly_on_closed_output();
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
-    let args = Args::parse();
+    match soak(Args::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn soak(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let device = backend::select(args.backend.as_deref())?.autodiff();
     device.seed(0);
     let mut model = Mlp {

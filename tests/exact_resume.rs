@@ -21,7 +21,9 @@ use burn::store::ModuleRecord;
 use burn::tensor::activation::relu;
 use burn::train::checkpoint::KeepLastNCheckpoints;
 use burn::train::{ClassificationOutput, InferenceStep, Learner, SupervisedTraining, TrainOutput, TrainStep};
-use burn_sam_sample::learner::{EpochBatcher, EpochLoader, SamHandle, SamOutput, SamTrainingExt};
+use burn_sam_sample::learner::{
+    checkpoint_set, verify_checkpoint, EpochBatcher, EpochLoader, SamHandle, SamOutput, SamTrainingExt,
+};
 use burn_sam_sample::policy::{GatePolicy, VariationConfig};
 use burn_sam_sample::{SamConfig, SamOptimizer, SamOptimizerRecord};
 use burn_sam_sample_tests::{device, normal, params};
@@ -202,10 +204,10 @@ fn learner_run(dir: &Path, epochs: usize, resume: Option<usize>) -> DropNet {
     let valid = DataLoaderBuilder::new(NoisyBatcher::default()).batch_size(BATCH).build(dataset(32, 2));
     let mut training = SupervisedTraining::new(dir, train, valid)
         .num_epochs(epochs)
-        .with_sam_checkpointing(dir, &handle, KeepLastNCheckpoints::new(4))
+        .with_sam_checkpointing(&checkpoint_set(dir).writer().unwrap(), &handle, KeepLastNCheckpoints::new(4))
         .with_application_logger(None);
     if let Some(epoch) = resume {
-        burn_sam_sample::learner::verify_checkpoint(dir, epoch, &config()).unwrap();
+        verify_checkpoint(&checkpoint_set(dir), epoch, epoch + 1, &config()).unwrap();
         training = training.checkpoint(epoch);
     }
     let result = training.launch(Learner::new(model, base(), LR));

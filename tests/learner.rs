@@ -22,8 +22,8 @@ use burn::train::{
     TrainStep,
 };
 use burn_sam_sample::learner::{
-    latest_checkpoint, verify_checkpoint, GradientPassesMetric, PsfRatioMetric, SamFractionMetric, SamHandle,
-    SamOutput, SamQuotaMetric, SamTargetMetric, SamTrainingExt,
+    checkpoint_set, verify_checkpoint, GradientPassesMetric, PsfRatioMetric, SamFractionMetric, SamHandle, SamOutput,
+    SamQuotaMetric, SamTargetMetric, SamTrainingExt,
 };
 use burn_sam_sample::policy::{GatePolicy, VariationConfig};
 use burn_sam_sample::SamConfig;
@@ -226,7 +226,11 @@ fn resuming_from_a_checkpoint_is_exact() {
     let straight_decisions = straight.decisions.clone();
     let handle = straight.sam.clone();
     let straight = training(straight_dir.path(), 3)
-        .with_sam_checkpointing(straight_dir.path(), &handle, KeepLastNCheckpoints::new(3))
+        .with_sam_checkpointing(
+            &checkpoint_set(straight_dir.path()).writer().unwrap(),
+            &handle,
+            KeepLastNCheckpoints::new(3),
+        )
         .launch(Learner::new(straight, base(), LR))
         .model;
 
@@ -235,23 +239,23 @@ fn resuming_from_a_checkpoint_is_exact() {
     let mut decisions = first.decisions.clone();
     let handle = first.sam.clone();
     training(dir.path(), 2)
-        .with_sam_checkpointing(dir.path(), &handle, KeepLastNCheckpoints::new(3))
+        .with_sam_checkpointing(&checkpoint_set(dir.path()).writer().unwrap(), &handle, KeepLastNCheckpoints::new(3))
         .launch(Learner::new(first, base(), LR));
     let mut all = decisions.lock().unwrap().clone();
 
     // A new process would check the checkpoint first, then build a fresh model and handle and
     // resume from checkpoint 2.
-    verify_checkpoint(dir.path(), 2, &vsam()).unwrap();
-    let err = verify_checkpoint(dir.path(), 2, &SamConfig::sam()).unwrap_err();
+    verify_checkpoint(&checkpoint_set(dir.path()), 2, 3, &vsam()).unwrap();
+    let err = verify_checkpoint(&checkpoint_set(dir.path()), 2, 3, &SamConfig::sam()).unwrap_err();
     assert!(err.to_string().contains("checkpoint 2") && err.to_string().contains("reuse rule"), "{err}");
-    let err = verify_checkpoint(dir.path(), 5, &vsam()).unwrap_err();
+    let err = verify_checkpoint(&checkpoint_set(dir.path()), 5, 6, &vsam()).unwrap_err();
     assert!(err.to_string().contains("model-5.bpk"), "{err}");
     let fresh = Net::new(&device, &vsam());
     decisions = fresh.decisions.clone();
     let handle = fresh.sam.clone();
     let resumed = training(dir.path(), 3)
         .checkpoint(2)
-        .with_sam_checkpointing(dir.path(), &handle, KeepLastNCheckpoints::new(3))
+        .with_sam_checkpointing(&checkpoint_set(dir.path()).writer().unwrap(), &handle, KeepLastNCheckpoints::new(3))
         .launch(Learner::new(fresh, base(), LR))
         .model;
     all.extend(decisions.lock().unwrap().iter());
@@ -268,7 +272,11 @@ fn resuming_from_a_checkpoint_is_exact() {
 fn run_with_checkpoints(dir: &Path, epochs: usize, resume: Option<usize>) -> (Vec<bool>, Net) {
     let model = Net::new(&device(), &vsam());
     let (decisions, handle) = (model.decisions.clone(), model.sam.clone());
-    let mut training = training(dir, epochs).with_sam_checkpointing(dir, &handle, KeepLastNCheckpoints::new(8));
+    let mut training = training(dir, epochs).with_sam_checkpointing(
+        &checkpoint_set(dir).writer().unwrap(),
+        &handle,
+        KeepLastNCheckpoints::new(8),
+    );
     if let Some(epoch) = resume {
         training = training.checkpoint(epoch);
     }
@@ -441,22 +449,22 @@ fn checkpoint_sets_are_sealed_and_incomplete_or_damaged_ones_are_refused() {
     let model = Net::new(&device(), &vsam());
     let handle = model.sam.clone();
     let result = training(dir.path(), 3)
-        .with_sam_checkpointing(dir.path(), &handle, KeepLastNCheckpoints::new(2))
+        .with_sam_checkpointing(&checkpoint_set(dir.path()).writer().unwrap(), &handle, KeepLastNCheckpoints::new(2))
         .launch(Learner::new(model, base(), LR));
     assert!(result.error.is_none(), "{:?}", result.error);
     assert!(!folder.join("model-9.bpk.4242-0.tmp").exists(), "stale temporary files are removed");
     // Kept: epochs 2 and 3, each sealed; epoch 1 was deleted with its manifest.
     assert!(!folder.join("set-1.json").exists() && !folder.join("model-1.bpk").exists());
     for epoch in [2, 3] {
-        verify_checkpoint(dir.path(), epoch, &vsam()).unwrap();
+        verify_checkpoint(&checkpoint_set(dir.path()), epoch, epoch + 1, &vsam()).unwrap();
     }
-    assert_eq!(latest_checkpoint(dir.path()).unwrap(), Some(3));
+    assert_eq!(checkpoint_set(dir.path()).latest().unwrap(), Some(3));
 
     // A run killed after writing the files of epoch 3 but before sealing them.
     std::fs::remove_file(folder.join("set-3.json")).unwrap();
-    let err = verify_checkpoint(dir.path(), 3, &vsam()).unwrap_err().to_string();
+    let err = verify_checkpoint(&checkpoint_set(dir.path()), 3, 4, &vsam()).unwrap_err().to_string();
     assert!(err.contains("incomplete"), "{err}");
-    assert_eq!(latest_checkpoint(dir.path()).unwrap(), Some(2));
+    assert_eq!(checkpoint_set(dir.path()).latest().unwrap(), Some(2));
 
     // 4 KiB of the model file overwritten after the fact: detected before anything is loaded.
     let model_file = folder.join("model-2.bpk");
@@ -465,7 +473,7 @@ fn checkpoint_sets_are_sealed_and_incomplete_or_damaged_ones_are_refused() {
     let end = (start + 4096).min(bytes.len());
     bytes[start..end].fill(0xFF);
     std::fs::write(&model_file, bytes).unwrap();
-    let err = verify_checkpoint(dir.path(), 2, &vsam()).unwrap_err().to_string();
+    let err = verify_checkpoint(&checkpoint_set(dir.path()), 2, 3, &vsam()).unwrap_err().to_string();
     assert!(err.contains("model-2.bpk is damaged"), "{err}");
-    assert_eq!(latest_checkpoint(dir.path()).unwrap(), None);
+    assert_eq!(checkpoint_set(dir.path()).latest().unwrap(), None);
 }

@@ -2,6 +2,8 @@
 
 use std::path::PathBuf;
 
+use burn_sam_sample::checkpoint::{CheckpointSet, RunFingerprint};
+
 use crate::methods::{scaled_warmup, Method};
 
 /// What to train and how: flattened into each example's own options.
@@ -39,7 +41,8 @@ pub struct TrainArgs {
     #[arg(long, value_parser = parse::positive_usize)]
     pub train_subset: Option<usize>,
     /// vSAM's all-SAM warm-up in steps (default: 1.5 % of the run, as the authors' 3 of 200
-    /// epochs, and at least one window of 50 steps).
+    /// epochs, and at least one window of 50 steps). Only `--method vsam` has this warm-up; with
+    /// another method the option is an error.
     #[arg(long)]
     pub warmup_steps: Option<usize>,
     /// Backend: ndarray, flex, wgpu or cuda (default: the most capable one compiled in).
@@ -48,6 +51,34 @@ pub struct TrainArgs {
 }
 
 impl TrainArgs {
+    /// Checks the options against each other (each is checked alone where it is parsed); the
+    /// error is a usage error (exit 2).
+    pub fn check(&self) -> Result<(), String> {
+        if self.warmup_steps.is_some() && self.method != Method::Vsam {
+            return Err(format!(
+                "--warmup-steps is vSAM's warm-up and is used by --method vsam only, not by --method {}",
+                self.method.name()
+            ));
+        }
+        Ok(())
+    }
+
+    /// What determines the run's trajectory, for its checkpoints: every option here that
+    /// changes the weights, with defaults resolved (`rho`, `warmup`) and the backend's name.
+    pub fn fingerprint(&self, backend: &str, warmup: usize) -> RunFingerprint {
+        let rho = self.rho.map_or_else(|| "default".to_string(), |rho| rho.to_string());
+        RunFingerprint::new()
+            .with("--method", self.method.name())
+            .with("--epochs", self.epochs)
+            .with("--batch-size", self.batch_size)
+            .with("--lr", self.lr)
+            .with("--rho", rho)
+            .with("--seed", self.seed)
+            .with("--train-subset", self.train_subset.map_or_else(|| "all".to_string(), |n| n.to_string()))
+            .with("--warmup-steps", if self.method == Method::Vsam { warmup.to_string() } else { "-".to_string() })
+            .with("--backend", backend)
+    }
+
     /// vSAM's warm-up for a run of `total_steps` steps.
     pub fn warmup(&self, total_steps: usize) -> usize {
         self.warmup_steps.unwrap_or_else(|| scaled_warmup(total_steps))
@@ -64,8 +95,39 @@ impl TrainArgs {
     }
 }
 
-/// clap value parsers that check a number where it is parsed, so that a bad value is a usage
-/// error (exit 2) whose message names the flag and the value.
+/// Resuming and overwriting checkpoints: flattened into the examples that write them.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ResumeArgs {
+    /// Resume from the checkpoint of this epoch in the artifact directory, or from the newest
+    /// complete one of this run (`latest`). The options must be the checkpointed run's (the
+    /// error names each one that differs); the resumed run ends with the weights of an
+    /// uninterrupted one.
+    #[arg(long, value_parser = parse::resume)]
+    pub resume: Option<Resume>,
+    /// With --resume: allow --epochs to differ from the checkpointed run's, e.g. to train
+    /// longer. The cosine schedule then follows the new length from the checkpoint on, so the
+    /// result is neither run's uninterrupted result.
+    #[arg(long, requires = "resume")]
+    pub allow_epochs_change: bool,
+    /// Start afresh in an artifact directory that holds another run's checkpoints, deleting
+    /// them (without it, such a directory is refused).
+    #[arg(long, conflicts_with = "resume")]
+    pub overwrite: bool,
+}
+
+impl ResumeArgs {
+    /// The checkpoint sets of this run in `set`'s directory: another run's sets never verify,
+    /// and `--allow-epochs-change` lets `--epochs` differ.
+    pub fn sets(&self, set: CheckpointSet, run: RunFingerprint) -> CheckpointSet {
+        let set = set.for_run(run);
+        if self.allow_epochs_change {
+            set.allowing_changes(&["--epochs"])
+        } else {
+            set
+        }
+    }
+}
+
 /// Where a run resumes: the checkpoint of an epoch, or the newest complete one.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Resume {
@@ -76,24 +138,20 @@ pub enum Resume {
 }
 
 impl Resume {
-    /// The epoch to resume from, looking the newest one up in `find_latest` for `latest`; an
-    /// error when there is none or when nothing of a run of `epochs` epochs is left to train.
-    pub fn epoch(
-        self,
-        epochs: usize,
-        find_latest: impl FnOnce() -> Result<Option<usize>, String>,
-    ) -> Result<usize, String> {
-        let epoch = match self {
-            Self::Epoch(epoch) => epoch,
-            Self::Latest => find_latest()?.ok_or("--resume latest: there is no complete checkpoint to resume")?,
-        };
-        if epoch >= epochs {
-            return Err(format!("--resume {epoch}: the run has only {epochs} epochs, nothing is left to train"));
+    /// The epoch to resume from: the newest set of this run in `set` for `latest` (an error
+    /// when there is none); the set itself is checked by the caller.
+    pub fn epoch(self, set: &CheckpointSet) -> Result<usize, String> {
+        match self {
+            Self::Epoch(epoch) => Ok(epoch),
+            Self::Latest => set.latest().map_err(|e| format!("--resume latest: {e}"))?.ok_or_else(|| {
+                format!("--resume latest: there is no complete checkpoint in {}", set.directory().display())
+            }),
         }
-        Ok(epoch)
     }
 }
 
+/// clap value parsers that check a number where it is parsed, so that a bad value is a usage
+/// error (exit 2) whose message names the flag and the value.
 pub mod parse {
     /// `latest` or an epoch ≥ 1.
     pub fn resume(text: &str) -> Result<super::Resume, String> {
@@ -204,6 +262,13 @@ mod tests {
             assert!(err.contains(flag) && err.contains(args[1]), "{args:?}: {err}");
         }
         assert!(parse(&[]).is_ok());
+    }
+
+    #[test]
+    fn an_option_the_method_does_not_use_is_an_error() {
+        let err = parse(&["--method", "sam", "--warmup-steps", "4"]).unwrap().check().unwrap_err();
+        assert!(err.contains("--warmup-steps") && err.contains("--method sam"), "{err}");
+        parse(&["--method", "vsam", "--warmup-steps", "4"]).unwrap().check().unwrap();
     }
 
     #[test]

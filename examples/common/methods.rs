@@ -74,7 +74,21 @@ impl Method {
 /// vSAM's all-SAM warm-up for a run of `total_steps` steps: the authors' 3 of 200 epochs (1.5 %),
 /// and at least one 50-step window so that the gate has statistics to start from.
 pub fn scaled_warmup(total_steps: usize) -> usize {
-    (total_steps * 3).div_ceil(200).max(50)
+    // ceil(3n / 200) without forming 3n, which overflows for the longest runs.
+    (total_steps / 200 * 3 + (total_steps % 200 * 3).div_ceil(200)).max(50)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_scaled_warmup_is_exact_and_never_overflows() {
+        for n in [0, 1, 199, 200, 201, 3_333, 10_000, 1_000_003] {
+            assert_eq!(scaled_warmup(n), (n * 3).div_ceil(200).max(50), "{n}");
+        }
+        assert_eq!(scaled_warmup(usize::MAX), usize::MAX / 200 * 3 + (usize::MAX % 200 * 3).div_ceil(200));
+    }
 }
 
 /// The learning rate at `step` of `total_steps` under a cosine decay from `peak` to 0.

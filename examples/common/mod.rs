@@ -9,6 +9,7 @@ pub mod download;
 pub mod fashion;
 pub mod methods;
 pub mod model;
+pub mod process;
 
 use burn::prelude::*;
 use rand::{Rng, SeedableRng};

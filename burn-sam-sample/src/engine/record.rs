@@ -19,6 +19,9 @@ const CACHE_PREFIX: &str = "burn-sam-sample.cache.";
 const CACHE_NORM: &str = "burn-sam-sample.cache-norm";
 /// Version of the state JSON; 2 since the gate is stored as its rule paired with its state.
 const FORMAT: u32 = 2;
+/// The largest squared norm of a cache a finite step can store: f32's largest value, in which the
+/// engine sums the squares of the PSF (its statistics) and of LookSAM's cache (its norm).
+const MAX_CACHE_SQUARE_SUM: f64 = f32::MAX as f64;
 
 /// The JSON part of a record: the engine state and what is needed to check it against a run.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -55,14 +58,23 @@ impl EngineRecord {
         self.header.state.steps
     }
 
-    /// Checks that the record can continue a run of `config` (the same kind of gate and reuse
-    /// rule, a gate state in range, finite statistics); the error names the first mismatch.
-    /// [`SamEngine::load_record`] runs the same check, then the checks against the module.
+    /// Checks that the record can continue a run of `config`, without a module: the same kind of
+    /// gate and reuse rule, a gate state in range (warm-up left within the configured warm-up,
+    /// quota and rates within their bounds, finite statistics), consistent counters, finite and
+    /// bounded cached values, and for LookSAM a cache norm that matches the cached tensors.
+    /// [`SamEngine::load_record`] runs the same check, then the checks against the module; the
+    /// error names the first problem.
     pub fn check_config(&self, config: &SamConfig) -> Result<()> {
-        self.gate_for(config).map(|_| ())
+        self.checked_gate(config).map(|_| ())
     }
 
-    fn gate_for(&self, config: &SamConfig) -> Result<Gate> {
+    /// The parameters (id, shape) the record was taken for.
+    pub fn parameters(&self) -> &[(u64, Vec<usize>)] {
+        &self.header.state.manifest
+    }
+
+    /// Every check that needs no module; returns the gate to continue with.
+    fn checked_gate(&self, config: &SamConfig) -> Result<Gate> {
         let header = &self.header;
         if std::mem::discriminant(&header.reuse) != std::mem::discriminant(&config.reuse) {
             return Err(SamError::RecordMismatch(format!(
@@ -72,8 +84,87 @@ impl EngineRecord {
             )));
         }
         let gate = Gate::resume(config.policy.clone(), header.state.gate.clone())?;
-        if header.state.last_stats.is_some_and(|stats| !stats.is_valid()) {
+        let state = &header.state;
+        if state.last_stats.is_some_and(|stats| !stats.is_valid()) {
             return Err(SamError::CorruptRecord("the last PSF statistics are not finite".into()));
+        }
+        let counters = [
+            (state.sam_steps <= state.steps, "SAM steps", state.sam_steps, "steps", state.steps),
+            (state.non_finite_steps <= state.steps, "non-finite steps", state.non_finite_steps, "steps", state.steps),
+            (state.rounds <= state.steps, "optimizer steps", state.rounds, "train steps", state.steps),
+            (
+                state.passes == state.steps.saturating_add(state.sam_steps),
+                "gradient passes",
+                state.passes,
+                "steps + SAM steps",
+                state.steps.saturating_add(state.sam_steps),
+            ),
+            (
+                u64::from(state.since_cache) <= state.rounds,
+                "steps since the cache was stored",
+                u64::from(state.since_cache),
+                "optimizer steps",
+                state.rounds,
+            ),
+        ];
+        for (ok, what, value, bound, bound_value) in counters {
+            if !ok {
+                return Err(SamError::CorruptRecord(format!(
+                    "the counters do not fit together: {what} = {value} against {bound} = {bound_value}"
+                )));
+            }
+        }
+        if header.pending_grad_norm_sq.is_some_and(|v| !(v.is_finite() && v >= 0.0)) {
+            return Err(SamError::CorruptRecord("the pending ‖g‖² is not a finite non-negative value".into()));
+        }
+        if self.cache.is_empty() && self.cache_norm.is_some() {
+            return Err(SamError::CorruptRecord("a cache norm without cached tensors".into()));
+        }
+        if !self.cache.is_empty() && matches!(config.reuse, ReusePolicy::None) {
+            return Err(SamError::CorruptRecord(format!(
+                "{} cached tensors for reuse rule `none`, which caches nothing",
+                self.cache.len()
+            )));
+        }
+        let mut square_sum = 0.0f64;
+        for (id, data) in &self.cache {
+            if !data.iter::<f32>().all(f32::is_finite) {
+                return Err(SamError::CorruptRecord(format!(
+                    "cached tensor for parameter {id} holds non-finite values"
+                )));
+            }
+            square_sum += data.iter::<f32>().map(|v| f64::from(v) * f64::from(v)).sum::<f64>();
+        }
+        if square_sum > MAX_CACHE_SQUARE_SUM {
+            return Err(SamError::CorruptRecord(format!(
+                "the cached tensors have a norm of {:.3e}, beyond f32's range for their squared norm \
+                 ({:.3e}): no finite step caches that",
+                square_sum.sqrt(),
+                MAX_CACHE_SQUARE_SUM.sqrt()
+            )));
+        }
+        if let Some(norm) = &self.cache_norm {
+            let values: Vec<f32> = norm.iter::<f32>().collect();
+            let stored = match values.as_slice() {
+                [value] if value.is_finite() && *value >= 0.0 => f64::from(*value),
+                _ => {
+                    return Err(SamError::CorruptRecord(format!(
+                        "the cache norm must be one finite non-negative value, found {} values",
+                        norm.num_elements()
+                    )))
+                }
+            };
+            // The engine sums squares in f32 on the device; 10⁻³ relative is far above that
+            // rounding and far below any change that would alter a cheap step.
+            let recomputed = square_sum.sqrt();
+            if (stored - recomputed).abs() > 1e-3 * recomputed.max(f64::from(f32::MIN_POSITIVE)) {
+                return Err(SamError::CorruptRecord(format!(
+                    "the cache norm {stored:.6e} does not match the cached tensors, whose norm is {recomputed:.6e}"
+                )));
+            }
+        }
+        if matches!(config.reuse, ReusePolicy::LookSam { .. }) && !self.cache.is_empty() && self.cache_norm.is_none() {
+            return Err(SamError::CorruptRecord("a LookSAM cache without its norm".into()));
         }
         Ok(gate)
     }
@@ -179,7 +270,7 @@ impl SamEngine {
     /// the first mismatch and `self` is left unchanged. Cached tensors are placed on the device
     /// of their parameter.
     pub fn load_record<M: Module>(&mut self, record: EngineRecord, module: &M) -> Result<()> {
-        let gate = record.gate_for(&self.config)?;
+        let gate = record.checked_gate(&self.config)?;
         let EngineRecord { header, cache, cache_norm } = record;
 
         let mut visitor = ShapeVisitor { seen: HashSet::new(), params: HashMap::new() };
@@ -205,11 +296,6 @@ impl SamEngine {
                     "cached tensor for parameter {id} has no parameter in the module"
                 )));
             };
-            if !data.iter::<f32>().all(f32::is_finite) {
-                return Err(SamError::CorruptRecord(format!(
-                    "cached tensor for parameter {id} holds non-finite values"
-                )));
-            }
             if shape.num_elements() != data.num_elements() {
                 return Err(SamError::RecordMismatch(format!(
                     "cached tensor for parameter {id} has {} values but the parameter has shape {:?}",
@@ -219,28 +305,12 @@ impl SamEngine {
             }
             tensors.insert(ParamId::from(id), Tensor::<1>::from_data(data, device).inner());
         }
-        let norm = match cache_norm {
-            Some(data) if data.num_elements() == 1 && data.iter::<f32>().all(|v| v.is_finite() && v >= 0.0) => {
-                let device = tensors
-                    .values()
-                    .next()
-                    .map(|t| t.device())
-                    .ok_or_else(|| SamError::RecordMismatch("a cache norm without cached tensors".into()))?;
-                Some(Tensor::<1>::from_data(data, &device).inner())
-            }
-            Some(data) => {
-                return Err(SamError::CorruptRecord(format!(
-                    "the cache norm must be one finite non-negative value, found {} values",
-                    data.num_elements()
-                )))
-            }
-            None => None,
-        };
-        if matches!(self.config.reuse, ReusePolicy::LookSam { .. }) && !tensors.is_empty() && norm.is_none() {
-            return Err(SamError::CorruptRecord("a LookSAM cache without its norm".into()));
-        }
-
+        // Checked by `checked_gate`: one finite value matching the tensors, and only with tensors.
         let device = tensors.values().next().map(|t| t.device());
+        let norm = match (cache_norm, &device) {
+            (Some(data), Some(device)) => Some(Tensor::<1>::from_data(data, device).inner()),
+            _ => None,
+        };
         self.state = EngineState { gate, ..header.state };
         self.cache = Arc::new(ReuseCache { tensors, norm });
         self.pending_grad_sq = match (header.pending_grad_norm_sq, device) {

@@ -7,7 +7,7 @@
 //! its file to a shared tracker, which seals the epoch's set ([`CheckpointSet`]) once all three
 //! are on disk.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -19,7 +19,7 @@ use burn::train::metric::store::EventStoreClient;
 use burn::train::{LearnerModel, SupervisedTraining};
 
 use super::SamHandle;
-use crate::checkpoint::CheckpointSet;
+use crate::checkpoint::{CheckpointSet, CheckpointWriter};
 use crate::config::SamConfig;
 use crate::error::SamError;
 use crate::optimizer::SamOptimizerRecord;
@@ -93,40 +93,71 @@ impl Checkpointer<OptimizerRecord> for SamCheckpointer {
 /// The files of one Learner checkpoint, in `directory/checkpoint`.
 const SET_FILES: [&str; 3] = ["model", "optim", "scheduler"];
 
-fn learner_set(directory: &Path) -> CheckpointSet {
-    CheckpointSet::new(directory.join("checkpoint"), &SET_FILES)
+/// The checkpoint sets that [`with_sam_checkpointing`](SamTrainingExt::with_sam_checkpointing)
+/// writes under `directory/checkpoint` (`model-N`, `optim-N`, `scheduler-N`, sealed by
+/// `set-N.json`). Give it the run's fingerprint with
+/// [`for_run`](CheckpointSet::for_run), then open it for writing with
+/// [`writer`](CheckpointSet::writer), or find the newest set with
+/// [`latest`](CheckpointSet::latest).
+pub fn checkpoint_set(directory: impl AsRef<Path>) -> CheckpointSet {
+    CheckpointSet::new(directory.as_ref().join("checkpoint"), &SET_FILES)
 }
 
-/// Checks, before training starts, that the checkpoint of `epoch` written under `directory` by
-/// [`with_sam_checkpointing`](SamTrainingExt::with_sam_checkpointing) can resume a run of
-/// `config`: its set is complete and sealed, the model, optimizer and scheduler files have the
-/// sizes and checksums its manifest records, and its SAM state belongs to `config` (same gate and
-/// reuse rule, state in range). Burn's `SupervisedTraining::checkpoint(epoch)` panics on a
-/// missing or damaged file once training has started; call this first to get an error that says
-/// which file and why.
-pub fn verify_checkpoint(directory: impl AsRef<Path>, epoch: usize, config: &SamConfig) -> crate::Result<()> {
-    let set = learner_set(directory.as_ref());
-    set.verify(epoch)?;
+/// Checks, before training starts, that the checkpoint of `epoch` in `set` (see
+/// [`checkpoint_set`]) can resume a run of `config` planned for `planned_epochs` epochs, with
+/// every check that loading it would make, so that a resume fails here with a message instead of
+/// inside Burn's Learner:
+/// - the run plans more epochs than `epoch` (otherwise Burn would end at once, having trained
+///   nothing);
+/// - the set is complete, sealed, written by this run (same fingerprint), and its files have the
+///   sizes and checksums its manifest records;
+/// - the SAM state belongs to `config` (same gate and reuse rule, gate state and counters in
+///   range, finite and bounded cache; see [`EngineRecord::check_config`](crate::EngineRecord::check_config));
+/// - every parameter the SAM state knows is in `model-N.bpk`, with the same shape.
+pub fn verify_checkpoint(
+    set: &CheckpointSet,
+    epoch: usize,
+    planned_epochs: usize,
+    config: &SamConfig,
+) -> crate::Result<()> {
+    set.check_resume(epoch, planned_epochs)?;
     let optim = set.file("optim", epoch);
     let record = SamOptimizerRecord::load(&optim)
         .map_err(|err| SamError::CorruptRecord(format!("checkpoint {epoch}: {}: {err}", optim.display())))?;
-    record
-        .engine
-        .check_config(config)
-        .map_err(|err| SamError::RecordMismatch(format!("checkpoint {epoch}: {}: {err}", optim.display())))
+    let mismatch = |err: SamError| SamError::RecordMismatch(format!("checkpoint {epoch}: {}: {err}", optim.display()));
+    record.engine.check_config(config).map_err(mismatch)?;
+    let model = set.file("model", epoch);
+    let parameters = model_parameters(&model)
+        .map_err(|err| SamError::CorruptRecord(format!("checkpoint {epoch}: {}: {err}", model.display())))?;
+    if let Some(parameters) = parameters {
+        for (id, dims) in record.engine.parameters() {
+            if !parameters.contains(&(*id, dims.clone())) {
+                return Err(SamError::RecordMismatch(format!(
+                    "checkpoint {epoch}: {} knows parameter {id} of shape {dims:?}, which {} does not hold",
+                    optim.display(),
+                    model.display()
+                )));
+            }
+        }
+    }
+    Ok(())
 }
 
-/// The newest checkpoint under `directory` (written by
-/// [`with_sam_checkpointing`](SamTrainingExt::with_sam_checkpointing)) whose set is complete and
-/// undamaged, for `--resume latest`; `None` when there is none. Incomplete or damaged sets are
-/// skipped with a warning.
-pub fn latest_checkpoint(directory: impl AsRef<Path>) -> crate::Result<Option<usize>> {
-    learner_set(directory.as_ref()).latest()
+/// The (parameter id, shape) pairs of a model file; `None` when it records no parameter ids.
+fn model_parameters(path: &Path) -> Result<Option<HashSet<(u64, Vec<usize>)>>, String> {
+    let bytes = std::fs::read(path).map_err(|e| e.to_string())?;
+    let reader =
+        burn_pack::Reader::from_bytes(burn::tensor::Bytes::from_bytes_vec(bytes)).map_err(|e| e.to_string())?;
+    let tensors = reader.into_tensors().map_err(|e| e.to_string())?;
+    if tensors.iter().any(|tensor| tensor.param_id.is_none()) {
+        return Ok(None);
+    }
+    Ok(Some(tensors.iter().filter_map(|tensor| Some((tensor.param_id?, tensor.shape.as_slice().to_vec()))).collect()))
 }
 
 /// Seals an epoch's set once every file of it has been written.
 struct SetTracker {
-    set: CheckpointSet,
+    writer: CheckpointWriter,
     written: Mutex<HashMap<usize, Vec<&'static str>>>,
 }
 
@@ -145,14 +176,16 @@ impl SetTracker {
             complete
         };
         if complete {
-            self.set.seal(epoch).map_err(unknown)?;
+            self.writer.seal(epoch).map_err(unknown)?;
         }
         Ok(())
     }
 
+    /// A rotation deletes `epoch`: the set is retired once a newer one is sealed (the writer
+    /// removes its files then), so that a kill at any moment leaves a sealed set.
     fn deleting(&self, epoch: usize) -> Result<(), CheckpointerError> {
         self.written.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).remove(&epoch);
-        self.set.unseal(epoch).map_err(unknown)
+        self.writer.retire(epoch).map_err(unknown)
     }
 }
 
@@ -170,13 +203,13 @@ impl<R: Checkpoint, C: Checkpointer<R>> Checkpointer<R> for SetMember<C> {
     }
 
     fn delete(&self, epoch: usize) -> Result<(), CheckpointerError> {
-        // The set stops counting before any of its files goes.
-        self.tracker.deleting(epoch)?;
-        self.inner.delete(epoch)
+        // The three members ask in turn; the writer deletes the whole set, after a newer one
+        // is sealed.
+        self.tracker.deleting(epoch)
     }
 
     fn restore(&self, epoch: usize) -> Result<R, CheckpointerError> {
-        self.tracker.set.verify(epoch).map_err(unknown)?;
+        self.tracker.writer.verify(epoch).map_err(unknown)?;
         self.inner.restore(epoch)
     }
 }
@@ -191,28 +224,30 @@ impl SamHandle {
 
 /// Checkpointing with the SAM state in one call on [`SupervisedTraining`].
 pub trait SamTrainingExt: Sized {
-    /// Burn's default checkpoint files under `directory/checkpoint` (`model-N`, `optim-N`,
-    /// `scheduler-N`), with the SAM state inside `optim-N.bpk`, taken at the moment `strategy`
-    /// saves, and sealed as a set (`set-N.json`, see [`CheckpointSet`]) once all three are
-    /// written. Stale temporary files of a killed run are removed first. Resume with
-    /// [`verify_checkpoint`] then `SupervisedTraining::checkpoint(N)`, or find N with
-    /// [`latest_checkpoint`].
-    fn with_sam_checkpointing<S>(self, directory: impl AsRef<Path>, handle: &SamHandle, strategy: S) -> Self
+    /// Burn's default checkpoint files in `writer`'s directory (see [`checkpoint_set`]:
+    /// `model-N`, `optim-N`, `scheduler-N`), with the SAM state inside `optim-N.bpk`, taken at
+    /// the moment `strategy` saves, and sealed as a set (`set-N.json` with the run's
+    /// fingerprint, see [`CheckpointSet`]) once all three are written. The writer holds the
+    /// directory's lock for the run. Sets the strategy deletes are removed only once a newer
+    /// set is sealed.
+    ///
+    /// A restored SAM state that does not fit the model stops the run through Burn's
+    /// interrupter with the error in `LearningResult::error`, instead of a panic. Resume with
+    /// [`verify_checkpoint`] then `SupervisedTraining::checkpoint(N)`; find N with
+    /// [`CheckpointSet::latest`].
+    fn with_sam_checkpointing<S>(self, writer: &CheckpointWriter, handle: &SamHandle, strategy: S) -> Self
     where
         S: CheckpointingStrategy + 'static;
 }
 
 impl<M: LearnerModel> SamTrainingExt for SupervisedTraining<M> {
-    fn with_sam_checkpointing<S>(self, directory: impl AsRef<Path>, handle: &SamHandle, strategy: S) -> Self
+    fn with_sam_checkpointing<S>(self, writer: &CheckpointWriter, handle: &SamHandle, strategy: S) -> Self
     where
         S: CheckpointingStrategy + 'static,
     {
-        let set = learner_set(directory.as_ref());
-        if let Err(err) = set.remove_stale_temporaries() {
-            log::warn!("{err}");
-        }
-        let folder = set.directory().to_path_buf();
-        let tracker = Arc::new(SetTracker { set, written: Mutex::default() });
+        handle.stop_with(self.interrupter());
+        let folder = writer.directory().to_path_buf();
+        let tracker = Arc::new(SetTracker { writer: writer.clone(), written: Mutex::default() });
         let member = |name: &'static str| SetMember {
             inner: FileCheckpointer::new(&folder, name),
             name,

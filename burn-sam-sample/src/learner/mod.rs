@@ -22,7 +22,7 @@ mod loss;
 mod metrics;
 mod output;
 
-pub use checkpoint::{latest_checkpoint, verify_checkpoint, SamCheckpointer, SamCheckpointing, SamTrainingExt};
+pub use checkpoint::{checkpoint_set, verify_checkpoint, SamCheckpointer, SamCheckpointing, SamTrainingExt};
 pub use epoch_loader::{epoch_seed, EpochBatcher, EpochLoader};
 pub use loss::HasLoss;
 pub use metrics::{
@@ -38,7 +38,8 @@ use burn::lr_scheduler::module_lr_scheduler::ModuleLearningRate;
 use burn::module::Module;
 use burn::optim::{GradientsParams, ModuleOptimizer, MultiGradientsParams};
 use burn::tensor::{Device, Tensor};
-use burn::train::TrainOutput;
+use burn::train::checkpoint::CheckpointerError;
+use burn::train::{Interrupter, TrainOutput, TrainingError};
 
 use crate::config::SamConfig;
 use crate::engine::{EngineAccess, EngineRecord, EngineRef, Pass, SamEngine};
@@ -102,7 +103,6 @@ struct Replica {
     restored: u64,
 }
 
-#[derive(Debug)]
 struct Shared {
     scope: Scope,
     fresh: SamEngine,
@@ -110,6 +110,9 @@ struct Shared {
     max_steps_per_round: u64,
     snapshots: BTreeMap<usize, SamEngine>,
     restore: Option<(u64, EngineRecord)>,
+    /// Burn's interrupter of the run, through which a restored state that does not fit the
+    /// model stops training with an error.
+    interrupter: Option<Interrupter>,
 }
 
 /// The SAM state of a Learner run, shared by every clone of the model it lives in.
@@ -155,6 +158,7 @@ impl SamHandle {
                 max_steps_per_round: DEFAULT_MAX_STEPS_PER_ROUND,
                 snapshots: BTreeMap::new(),
                 restore: None,
+                interrupter: None,
             })),
         })
     }
@@ -182,7 +186,10 @@ impl SamHandle {
     /// - when the loss is not tracked by autodiff: the model must live on an autodiff device
     ///   (`device.autodiff()`);
     /// - when a checkpoint restored by [`SamCheckpointer`] does not fit `model` (missing
-    ///   parameter ids or other shapes); the message names the first mismatch;
+    ///   parameter ids or other shapes, or a state out of range) and no interrupter was given
+    ///   ([`stop_with`](Self::stop_with), installed by
+    ///   [`with_sam_checkpointing`](SamTrainingExt::with_sam_checkpointing)); with one, the run
+    ///   stops with the error instead;
     /// - when more train steps than [`with_max_steps_per_round`](Self::with_max_steps_per_round)
     ///   run without [`optimize`](Self::optimize): `TrainStep::optimize` is not wired, and every
     ///   step would silently share one gate decision.
@@ -225,9 +232,25 @@ impl SamHandle {
         {
             let mut shared = self.lock();
             let max_steps = shared.max_steps_per_round;
-            let replica = shared.replica(device.as_ref(), model);
-            replica.bound_round(max_steps);
-            replica.steps_in_round += 1;
+            match shared.replica(device.as_ref(), model) {
+                Ok(replica) => {
+                    replica.bound_round(max_steps);
+                    replica.steps_in_round += 1;
+                }
+                Err(message) => {
+                    let Some(interrupter) = shared.interrupter.clone() else {
+                        // Documented panic: no interrupter to stop the run with, and continuing
+                        // would train on a state that does not belong to this model.
+                        panic!("{message}");
+                    };
+                    drop(shared);
+                    // Stops the run before anything else is trained or checkpointed; the
+                    // empty gradients leave the model as it is.
+                    interrupter.fail(TrainingError::Checkpoint(CheckpointerError::Unknown(message)));
+                    let telemetry = self.telemetry();
+                    return TrainOutput { grads: GradientsParams::new(), item: SamOutput::new(output, telemetry) };
+                }
+            }
         }
         let mut access = ReplicaAccess { handle: self, device };
         let (grads, telemetry) =
@@ -304,6 +327,14 @@ impl SamHandle {
         shared.snapshots.insert(epoch, engine);
     }
 
+    /// Stops the run through `interrupter` (Burn's, of the `SupervisedTraining` this handle
+    /// trains in) when a restored state does not fit the model, instead of panicking in the
+    /// train step. [`with_sam_checkpointing`](SamTrainingExt::with_sam_checkpointing) installs
+    /// it.
+    pub fn stop_with(&self, interrupter: Interrupter) {
+        self.lock().interrupter = Some(interrupter);
+    }
+
     pub(crate) fn take_snapshot(&self, epoch: usize) -> Option<SamEngine> {
         self.lock().snapshots.remove(&epoch)
     }
@@ -330,25 +361,24 @@ impl Shared {
         self.replicas.len() - 1
     }
 
-    /// The replica for `device`, with any pending restore applied.
-    fn replica<M: Module>(&mut self, device: Option<&Device>, model: &M) -> &mut Replica {
+    /// The replica for `device`, with any pending restore applied; the error says why a
+    /// restored state does not fit `model`.
+    fn replica<M: Module>(&mut self, device: Option<&Device>, model: &M) -> std::result::Result<&mut Replica, String> {
         let index = self.replica_index(device);
         let restore = self.restore.as_ref();
         let replica = &mut self.replicas[index];
         if let Some((generation, record)) = restore {
             if replica.restored < *generation {
                 let steps = record.steps();
-                if let Err(err) = replica.engine.load_record(record.clone(), model) {
-                    // Documented panic: `TrainStep::step` returns no `Result`, and continuing
-                    // would train on a state that does not belong to this model.
-                    panic!("the restored SAM state (taken after {steps} steps) does not fit the model: {err}");
-                }
                 replica.restored = *generation;
+                replica.engine.load_record(record.clone(), model).map_err(|err| {
+                    format!("the restored SAM state (taken after {steps} steps) cannot continue this run: {err}")
+                })?;
                 replica.steps_in_round = 0;
                 log::info!("SAM state restored: continuing after {steps} train steps");
             }
         }
-        replica
+        Ok(replica)
     }
 }
 

@@ -219,7 +219,14 @@ impl Gate {
         if !rule.is_consistent() {
             return Err(SamError::RecordMismatch(format!(
                 "the `{name}` gate state is out of range for this configuration (non-finite statistics, a \
-                 quota or rate outside its bounds, or histories that do not fit the window)"
+                 quota or rate outside its bounds, more warm-up left than configured, or histories that \
+                 do not fit the window)"
+            )));
+        }
+        if saved.sam_steps > saved.steps {
+            return Err(SamError::CorruptRecord(format!(
+                "the gate counts {} SAM decisions in {} decisions",
+                saved.sam_steps, saved.steps
             )));
         }
         Ok(Self { rule, ..saved })

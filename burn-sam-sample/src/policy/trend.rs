@@ -125,7 +125,8 @@ impl TrendState {
 
     /// Whether the state could have come from a gate with `config`.
     pub(crate) fn is_consistent(&self, config: &TrendConfig) -> bool {
-        (0.0..1.0).contains(&self.credit)
+        self.warmup_left <= config.warmup_steps
+            && (0.0..1.0).contains(&self.credit)
             && (config.min_fraction..=config.max_fraction).contains(&self.rate)
             && self.recent.len() <= config.history
             && self.recent.len() as u64 <= self.samples

@@ -160,7 +160,8 @@ impl VariationState {
     pub(crate) fn is_consistent(&self, config: &VariationConfig) -> bool {
         let finite_non_negative = |v: &f64| v.is_finite() && *v >= 0.0;
         let k = config.window;
-        self.iteration >= 1
+        self.warmup_left <= config.warmup_steps
+            && self.iteration >= 1
             && self.iteration < u64::MAX / 2
             && self.quota.is_finite()
             && self.quota >= 1.0
