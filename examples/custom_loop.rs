@@ -21,7 +21,7 @@ use burn_sam_sample::backend;
 use burn_sam_sample::checkpoint::CheckpointSet;
 use burn_sam_sample::learner::EpochLoader;
 use burn_sam_sample::SamOptimizerRecord;
-use burn_sam_sample_examples::cli::{ResumeArgs, TrainArgs};
+use burn_sam_sample_examples::cli::{parse, ResumeArgs, TrainArgs};
 use burn_sam_sample_examples::evaluate_loader;
 use burn_sam_sample_examples::fashion::{subset, FashionBatcher, FashionMnist, Fetch};
 use burn_sam_sample_examples::methods::cosine_lr;
@@ -35,6 +35,9 @@ use indicatif::{ProgressBar, ProgressStyle};
 struct Args {
     #[command(flatten)]
     train: TrainArgs,
+    /// Evaluate on the first N test images only.
+    #[arg(long, value_parser = parse::positive_usize)]
+    test_subset: Option<usize>,
     /// Where to save the model and optimizer state after each epoch; one run at a time (a second
     /// one is refused).
     #[arg(long, default_value = "target/custom-loop")]
@@ -60,7 +63,7 @@ fn main() -> ExitCode {
     }
 }
 
-fn train(Args { train: args, artifact_dir, resume }: Args) -> Result<(), Box<dyn std::error::Error>> {
+fn train(Args { train: args, test_subset, artifact_dir, resume }: Args) -> Result<(), Box<dyn std::error::Error>> {
     // SAM steps allocate model-sized tensors the base step does not; keep freed memory for the
     // next step instead of faulting it in again (glibc; see docs/backends.md).
     burn_sam_sample::backend::keep_freed_memory();
@@ -92,8 +95,10 @@ fn train(Args { train: args, artifact_dir, resume }: Args) -> Result<(), Box<dyn
     // Order and dropout of epoch e are functions of (seed, e), so a resumed run continues exactly.
     let train_loader = EpochLoader::new(train, FashionBatcher::plain(), args.batch_size, args.seed, &train_device)?
         .starting_at_epoch(resume_from.map_or(1, |epoch| epoch + 1));
-    let test_loader =
-        DataLoaderBuilder::new(FashionBatcher::plain()).batch_size(256).build(data.test).to_device(&device);
+    let test_loader = DataLoaderBuilder::new(FashionBatcher::plain())
+        .batch_size(256)
+        .build(subset(&data.test, test_subset))
+        .to_device(&device);
 
     train_device.seed(args.seed);
     let mut model = CnnConfig::new().init(&train_device);

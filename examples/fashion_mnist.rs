@@ -201,7 +201,6 @@ fn train(options: Args) -> Result<(), Box<dyn std::error::Error>> {
     if let Some(epoch) = resume {
         training = training.checkpoint(epoch);
     }
-    let interrupter = training.interrupter();
 
     let start = Instant::now();
     let result = training.launch(Learner::new(model, base, schedule));
@@ -209,11 +208,17 @@ fn train(options: Args) -> Result<(), Box<dyn std::error::Error>> {
     if let Some(error) = result.error {
         return Err(format!("training failed: {error}").into());
     }
-    if let Some(interruption) = interrupter.interruption() {
+    if let Some(failure) = sam.failure() {
+        return Err(format!("training failed: {failure}").into());
+    }
+    // Stopped early (the dashboard's `q`, which Burn reports as a normal end): the step count
+    // tells, whatever the renderer did with the interruption.
+    let done = sam.telemetry().step;
+    if done < total_steps as u64 {
+        let reason = result.interrupted.and_then(|i| i.reason).unwrap_or_else(|| "stopped early".to_string());
         return Err(format!(
-            "training was interrupted ({}) before its {} epochs; --resume latest continues it from its last checkpoint",
-            interruption.reason.as_deref().unwrap_or("no reason given"),
-            args.epochs
+            "training was interrupted ({reason}) after {done} of its {total_steps} steps; \
+             --resume latest continues it from its last checkpoint"
         )
         .into());
     }

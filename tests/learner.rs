@@ -477,3 +477,54 @@ fn checkpoint_sets_are_sealed_and_incomplete_or_damaged_ones_are_refused() {
     assert!(err.contains("model-2.bpk is damaged"), "{err}");
     assert_eq!(checkpoint_set(dir.path()).latest().unwrap(), None);
 }
+
+#[test]
+fn a_restored_state_that_does_not_fit_is_refused_before_training_and_never_panics_in_it() {
+    // Two runs whose models have other parameter ids; run B's optimizer file is put into run A's
+    // set and the set re-sealed, so every checksum is valid.
+    let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    for dir in [&a, &b] {
+        let model = Net::new(&device(), &vsam());
+        let handle = model.sam.clone();
+        let result = training(dir.path(), 2)
+            .with_sam_checkpointing(
+                &checkpoint_set(dir.path()).writer().unwrap(),
+                &handle,
+                KeepLastNCheckpoints::new(3),
+            )
+            .launch(Learner::new(model, base(), LR));
+        assert!(result.error.is_none(), "{:?}", result.error);
+    }
+    let (a_set, b_set) = (checkpoint_set(a.path()), checkpoint_set(b.path()));
+    std::fs::copy(b_set.file("optim", 2), a_set.file("optim", 2)).unwrap();
+    a_set.writer().unwrap().seal(2).unwrap();
+    let err = verify_checkpoint(&a_set, 2, 3, &vsam()).unwrap_err().to_string();
+    assert!(err.contains("knows parameter") && err.contains("model-2.bpk"), "{err}");
+
+    // A program that skips the check: the run stops with the error, no panic, nothing trained.
+    let model = Net::new(&device(), &vsam());
+    let (handle, decisions) = (model.sam.clone(), model.decisions.clone());
+    let result = training(a.path(), 3)
+        .checkpoint(2)
+        .with_sam_checkpointing(&a_set.writer().unwrap(), &handle, KeepLastNCheckpoints::new(3))
+        .launch(Learner::new(model, base(), LR));
+    let err = result.error.expect("the run must fail").to_string();
+    assert!(err.contains("cannot continue this run") && err.contains("missing from the module"), "{err}");
+    assert!(handle.failure().is_some_and(|failure| err.contains(&failure)), "{:?}", handle.failure());
+    assert!(decisions.lock().unwrap().len() <= 1, "training stopped at its first step");
+    assert!(!a_set.file("model", 3).exists(), "nothing was checkpointed after the failure");
+}
+
+#[test]
+fn a_resume_with_nothing_left_to_train_is_an_error_naming_both_numbers() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = Net::new(&device(), &vsam());
+    let handle = model.sam.clone();
+    training(dir.path(), 2)
+        .with_sam_checkpointing(&checkpoint_set(dir.path()).writer().unwrap(), &handle, KeepLastNCheckpoints::new(3))
+        .launch(Learner::new(model, base(), LR));
+    // Burn's default is one epoch: `.checkpoint(2)` without `.num_epochs(..)` would train nothing.
+    let err = verify_checkpoint(&checkpoint_set(dir.path()), 2, 1, &vsam()).unwrap_err().to_string();
+    assert!(err.contains("plans 1 epoch(s)") && err.contains("after epoch 2"), "{err}");
+    verify_checkpoint(&checkpoint_set(dir.path()), 2, 3, &vsam()).unwrap();
+}

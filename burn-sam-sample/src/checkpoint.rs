@@ -1,13 +1,35 @@
 //! Checkpoint sets that survive a crash: the files of one epoch (model, optimizer with the SAM
 //! state, scheduler, …) count only once a small manifest, written last and atomically, lists
-//! each of them with its size and CRC-32.
+//! each of them with its size and CRC-32, and the fingerprint of the run that wrote them.
 //!
 //! A run killed while it writes leaves at worst an unsealed set, which [`CheckpointSet::latest`]
 //! skips and [`CheckpointSet::verify`] reports; a file damaged later fails its checksum before
-//! anything is loaded from it. The Learner integration
+//! anything is loaded from it; a set of another run ([`RunFingerprint`]) never verifies. Writing
+//! goes through a [`CheckpointWriter`], which holds the directory's lock, so that one run at a
+//! time writes there. The Learner integration
 //! ([`with_sam_checkpointing`](crate::learner::SamTrainingExt::with_sam_checkpointing)) seals
-//! Burn's checkpoints this way; a custom loop calls [`CheckpointSet::seal`] after writing its
-//! files.
+//! Burn's checkpoints this way; a custom loop calls [`CheckpointWriter::seal`] after writing its
+//! files:
+//!
+//! ```
+//! use burn_sam_sample::checkpoint::{CheckpointSet, RunFingerprint};
+//!
+//! # let directory = std::env::temp_dir().join(format!("sets-doc-{}", std::process::id()));
+//! let run = RunFingerprint::new().with("seed", 0).with("epochs", 2);
+//! let writer = CheckpointSet::new(&directory, &["model", "optim"]).for_run(run).writer()?;
+//! writer.start_fresh(false)?; // refuses the sets of another run
+//! for epoch in 1..=2 {
+//!     for name in ["model", "optim"] {
+//!         std::fs::write(writer.file(name, epoch), b"...")?; // model.save_file(..), record.save(..)
+//!     }
+//!     writer.seal(epoch)?;
+//! }
+//! assert_eq!(writer.latest()?, Some(2));
+//! writer.check_resume(2, 3)?; // sealed, of this run, undamaged, and epoch 3 is left to train
+//! # drop(writer);
+//! # std::fs::remove_dir_all(&directory)?;
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{Read, Write};

@@ -45,6 +45,12 @@ pub struct Downloader {
     pub backoff: Duration,
     /// Show a progress bar (bytes, rate, ETA) on a terminal, a plain line per file otherwise.
     pub progress: bool,
+    /// Largest body accepted per file, in bytes (default 64 MiB; the largest of the four
+    /// gzipped files has 26 MB): a longer body, or a longer announced length, is refused.
+    pub max_bytes: u64,
+    /// Longest time one attempt at one file may take, however steadily the bytes come
+    /// (default 10 minutes).
+    pub deadline: Duration,
 }
 
 impl Default for Downloader {
@@ -57,6 +63,8 @@ impl Default for Downloader {
             attempts: 4,
             backoff: Duration::from_secs(1),
             progress: true,
+            max_bytes: 64 << 20,
+            deadline: Duration::from_secs(600),
         }
     }
 }
@@ -155,6 +163,12 @@ impl Downloader {
             other => Failure::transient(other.to_string()),
         })?;
         let expected = response.body().content_length();
+        if let Some(length) = expected.filter(|&length| length > self.max_bytes) {
+            return Err(Failure::permanent(format!(
+                "the server announces {length} bytes, more than the {} accepted",
+                self.max_bytes
+            )));
+        }
         let mut file = std::fs::File::create(part)
             .map_err(|e| Failure::permanent(format!("cannot write {}: {e}", part.display())))?;
         let bar = self.bar(url, expected);
@@ -172,6 +186,15 @@ impl Downloader {
             file.write_all(&buffer[..n])
                 .map_err(|e| Failure::permanent(format!("cannot write {}: {e}", part.display())))?;
             received += n as u64;
+            if received > self.max_bytes {
+                return Err(Failure::permanent(format!("the body goes on past the {} bytes accepted", self.max_bytes)));
+            }
+            if started.elapsed() > self.deadline {
+                return Err(Failure::permanent(format!(
+                    "the transfer took longer than {:?} ({received} bytes so far)",
+                    self.deadline
+                )));
+            }
             if let Some(bar) = &bar {
                 bar.set_position(received);
             }

@@ -30,6 +30,10 @@ enum Answer {
     NotFound,
     /// Accept, read the request, never answer.
     Silent,
+    /// No announced length; bytes until the client hangs up.
+    Endless,
+    /// No announced length; one byte every 20 ms until the client hangs up.
+    Trickle,
 }
 
 struct Server {
@@ -84,6 +88,17 @@ fn answer(mut stream: TcpStream, answers: &HashMap<String, Answer>) {
             let _ = stream.write_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
         }
         Answer::Silent => std::thread::sleep(Duration::from_secs(30)),
+        Answer::Endless | Answer::Trickle => {
+            let slow = matches!(answers.get(&file), Some(Answer::Trickle));
+            let _ = stream.write_all(b"HTTP/1.1 200 OK\r\nContent-Type: application/gzip\r\nConnection: close\r\n\r\n");
+            let chunk = vec![0x55u8; if slow { 1 } else { 64 * 1024 }];
+            let started = Instant::now();
+            while started.elapsed() < Duration::from_secs(30) && stream.write_all(&chunk).is_ok() {
+                if slow {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            }
+        }
     }
 }
 
@@ -144,6 +159,8 @@ fn downloader(base_url: &str, checksums: [String; 4]) -> Downloader {
         attempts: 2,
         backoff: Duration::from_millis(20),
         progress: false,
+        max_bytes: 1 << 20,
+        deadline: Duration::from_secs(5),
     }
 }
 
@@ -262,5 +279,40 @@ fn a_server_that_never_answers_times_out() {
     let err = downloader(&server.base_url, sums).fetch(cache.path()).unwrap_err().to_string();
     assert!(err.to_lowercase().contains("timeout") || err.to_lowercase().contains("timed out"), "{err}");
     assert!(started.elapsed() < Duration::from_secs(10), "{:?}", started.elapsed());
+    assert!(entries(cache.path()).is_empty());
+}
+
+#[test]
+fn a_body_longer_than_the_cap_is_cut_off_and_leaves_nothing() {
+    let (files, sums) = dataset();
+    let mut answers = answers(&files);
+    answers.insert(format!("{}.gz", FILES[0]), Answer::Endless);
+    let server = serve(answers);
+    let cache = tempfile::tempdir().unwrap();
+    let err = downloader(&server.base_url, sums.clone()).fetch(cache.path()).unwrap_err().to_string();
+    assert!(err.contains("past the 1048576 bytes accepted") && err.contains("attempt 1 of 2"), "{err}");
+    assert!(entries(cache.path()).is_empty(), "{:?}", entries(cache.path()));
+    // A length announced above the cap is refused before the body is read.
+    let server = serve(answers(&files));
+    let mut small = downloader(&server.base_url, sums);
+    small.max_bytes = 10;
+    let err = small.fetch(cache.path()).unwrap_err().to_string();
+    assert!(err.contains("bytes, more than the 10 accepted"), "{err}");
+    assert!(entries(cache.path()).is_empty(), "{:?}", entries(cache.path()));
+}
+
+#[test]
+fn a_transfer_past_its_deadline_is_stopped() {
+    let (files, sums) = dataset();
+    let mut answers = answers(&files);
+    answers.insert(format!("{}.gz", FILES[0]), Answer::Trickle);
+    let server = serve(answers);
+    let cache = tempfile::tempdir().unwrap();
+    let mut slow = downloader(&server.base_url, sums);
+    slow.deadline = Duration::from_millis(400);
+    let started = Instant::now();
+    let err = slow.fetch(cache.path()).unwrap_err().to_string();
+    assert!(err.contains("took longer than 400ms"), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
     assert!(entries(cache.path()).is_empty());
 }

@@ -114,8 +114,10 @@ impl EngineRecord {
                 )));
             }
         }
-        if header.pending_grad_norm_sq.is_some_and(|v| !(v.is_finite() && v >= 0.0)) {
-            return Err(SamError::CorruptRecord("the pending ‖g‖² is not a finite non-negative value".into()));
+        if header.pending_grad_norm_sq.is_some_and(|v| !(0.0..=f64::from(f32::MAX)).contains(&v)) {
+            return Err(SamError::CorruptRecord(
+                "the pending ‖g‖² is not a non-negative value that f32 can hold".into(),
+            ));
         }
         if self.cache.is_empty() && self.cache_norm.is_some() {
             return Err(SamError::CorruptRecord("a cache norm without cached tensors".into()));
@@ -325,5 +327,289 @@ impl SamEngine {
         };
         self.device_non_finite = None;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! A structure-aware record mutator: it edits the JSON fields and the tensor values of valid
+    //! records, then re-seals them, so that every check behind the checksum is reached (byte
+    //! flips almost never get past the checksum).
+
+    use burn::nn::{Linear, LinearConfig};
+    use burn::optim::{GradientsParams, SgdConfig};
+    use burn::tensor::{Device, Tensor, TensorData};
+    use rand::{Rng, SeedableRng};
+    use serde_json::Value;
+
+    use super::*;
+    use crate::engine::Pass;
+    use crate::policy::{AeSamConfig, GatePolicy, VariationConfig};
+
+    fn device() -> Device {
+        Device::flex().autodiff()
+    }
+
+    fn configs() -> Vec<SamConfig> {
+        let variation = VariationConfig::new(4).with_window(6).with_blocks(2);
+        vec![
+            SamConfig::new().with_policy(GatePolicy::Variation(variation)).with_seed(1),
+            SamConfig::look_sam(3, 0.5),
+            SamConfig::new().with_policy(GatePolicy::AeSam(AeSamConfig::new(50))).with_reuse(ReusePolicy::None),
+            SamConfig::vsam_trend().with_seed(3),
+        ]
+    }
+
+    /// `steps` hand-driven steps of a 4→3→1 model; returns the model.
+    fn train(engine: &mut SamEngine, mut model: (Linear, Linear), steps: usize, seed: u64) -> (Linear, Linear) {
+        let device = device();
+        let mut sgd = SgdConfig::new().init();
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        for _ in 0..steps {
+            let values: Vec<f32> = (0..32).map(|_| rng.random_range(-1.0..1.0)).collect();
+            let x = Tensor::<1>::from_floats(values.as_slice(), &device).reshape([8, 4]);
+            let loss_of = |m: &(Linear, Linear)| m.1.forward(m.0.forward(x.clone()).tanh()).powi_scalar(2).mean();
+            let loss = loss_of(&model);
+            let grads = GradientsParams::from_grads(loss.backward(), &model);
+            let (direction, _) = match engine.first_pass(&model, grads, &loss) {
+                Pass::Sam(pass) => {
+                    let perturbed = pass.perturbed(&model);
+                    let second = GradientsParams::from_grads(loss_of(&perturbed).backward(), &perturbed);
+                    pass.finish(&model, second)
+                }
+                Pass::Cheap(pass) => pass.finish(&model),
+            };
+            model = sgd.step(0.05, model, direction);
+        }
+        model
+    }
+
+    fn model() -> (Linear, Linear) {
+        let device = device();
+        device.seed(7);
+        (LinearConfig::new(4, 3).init(&device), LinearConfig::new(3, 1).init(&device))
+    }
+
+    fn finite(model: &(Linear, Linear)) -> bool {
+        let weights = [model.0.weight.val().into_data(), model.1.weight.val().into_data()];
+        weights.iter().all(|data| data.iter::<f32>().all(f32::is_finite))
+    }
+
+    /// Replaces one leaf of `value` (chosen at random) by an extreme or shifted one.
+    fn mutate_json(rng: &mut impl Rng, value: &mut Value) {
+        let mut leaves = Vec::new();
+        collect_leaves(value, &mut Vec::new(), &mut leaves);
+        if leaves.is_empty() {
+            return;
+        }
+        let path = leaves[rng.random_range(0..leaves.len())].clone();
+        let mut leaf = &mut *value;
+        for step in &path {
+            leaf = match step {
+                Key::Field(name) => &mut leaf[name.as_str()],
+                Key::Index(i) => &mut leaf[*i],
+            };
+        }
+        let number = leaf.as_f64();
+        *leaf = match (leaf.clone(), rng.random_range(0..8)) {
+            (Value::Bool(b), _) => Value::Bool(!b),
+            (Value::Array(mut items), choice) => {
+                if choice % 2 == 0 {
+                    items.clear();
+                } else if let Some(first) = items.first().cloned() {
+                    items.push(first);
+                }
+                Value::Array(items)
+            }
+            (Value::Null, _) => serde_json::json!(1.0),
+            (_, 0) => serde_json::json!(0),
+            (_, 1) => serde_json::json!(-1),
+            (_, 2) => serde_json::json!(1_000_000_000u64),
+            (_, 3) => serde_json::json!(u64::MAX),
+            (_, 4) => serde_json::json!(1e300),
+            (_, 5) => serde_json::json!(-1e300),
+            (_, 6) => serde_json::json!(number.unwrap_or(0.0) * 2.0 + 1.0),
+            _ => Value::Null,
+        };
+    }
+
+    #[derive(Clone)]
+    enum Key {
+        Field(String),
+        Index(usize),
+    }
+
+    fn collect_leaves(value: &Value, path: &mut Vec<Key>, out: &mut Vec<Vec<Key>>) {
+        match value {
+            Value::Object(map) => {
+                for (name, child) in map {
+                    path.push(Key::Field(name.clone()));
+                    collect_leaves(child, path, out);
+                    path.pop();
+                }
+            }
+            Value::Array(items) => {
+                out.push(path.clone());
+                for (i, child) in items.iter().enumerate() {
+                    path.push(Key::Index(i));
+                    collect_leaves(child, path, out);
+                    path.pop();
+                }
+            }
+            _ => out.push(path.clone()),
+        }
+    }
+
+    /// Edits the cached tensor values or the cache norm.
+    fn mutate_tensors(rng: &mut impl Rng, record: &mut EngineRecord) {
+        let bad = [f32::NAN, f32::INFINITY, -f32::INFINITY, 1e30, -1e30, 0.0, 3e19];
+        match rng.random_range(0..5) {
+            0 if !record.cache.is_empty() => {
+                let i = rng.random_range(0..record.cache.len());
+                let (id, data) = &record.cache[i];
+                let mut values: Vec<f32> = data.iter::<f32>().collect();
+                let j = rng.random_range(0..values.len());
+                values[j] = bad[rng.random_range(0..bad.len())];
+                let n = values.len();
+                record.cache[i] = (*id, TensorData::new(values, [n]));
+            }
+            1 if !record.cache.is_empty() => {
+                let factor = [0.0f32, 1e20, -1.0, 2.0][rng.random_range(0..4)];
+                for (_, data) in record.cache.iter_mut() {
+                    let values: Vec<f32> = data.iter::<f32>().map(|v| v * factor).collect();
+                    let n = values.len();
+                    *data = TensorData::new(values, [n]);
+                }
+            }
+            2 if !record.cache.is_empty() => {
+                let i = rng.random_range(0..record.cache.len());
+                if rng.random_bool(0.5) {
+                    record.cache.remove(i);
+                } else {
+                    let (id, data) = &record.cache[i];
+                    let values: Vec<f32> = data.iter::<f32>().skip(1).collect();
+                    let n = values.len();
+                    record.cache[i] = (*id, TensorData::new(values, [n]));
+                }
+            }
+            3 => {
+                let value = [0.0f32, -1.0, f32::NAN, 1e10][rng.random_range(0..4)];
+                record.cache_norm = Some(TensorData::new(vec![value], [1]));
+            }
+            _ => record.cache_norm = None,
+        }
+    }
+
+    #[test]
+    fn structurally_mutated_records_load_into_a_valid_state_or_are_refused_by_both_doors() {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(2026);
+        let (mut loaded, mut refused) = (0, 0);
+        for config in configs() {
+            let mut engine = SamEngine::new(&config).unwrap();
+            let trained = train(&mut engine, model(), 14, 0);
+            let valid = engine.to_record();
+            for case in 0..120 {
+                let mut record = valid.clone();
+                if case % 2 == 0 {
+                    let mut json = serde_json::to_value(&record.header).unwrap();
+                    for _ in 0..rng.random_range(1..3) {
+                        mutate_json(&mut rng, &mut json);
+                    }
+                    match serde_json::from_value::<Header>(json) {
+                        Ok(header) => record.header = header,
+                        Err(_) => continue,
+                    }
+                } else {
+                    mutate_tensors(&mut rng, &mut record);
+                }
+                // Re-sealed: the checksum is valid, so only the checks behind it can refuse.
+                let bytes = record.into_bytes().unwrap();
+                let record = EngineRecord::from_bytes(bytes).unwrap();
+                let early = record.check_config(&config);
+                let loaded_header = record.header.clone();
+                let mut fresh = SamEngine::new(&config).unwrap();
+                match fresh.load_record(record, &trained) {
+                    Err(err) => {
+                        refused += 1;
+                        let about_the_module = err.to_string().contains("parameter");
+                        assert!(
+                            early.is_err() || about_the_module,
+                            "load_record refused what check_config (and so verify_checkpoint) passed: {err}"
+                        );
+                        if let Err(early) = early {
+                            assert_eq!(early.to_string(), err.to_string(), "both doors say the same");
+                        }
+                    }
+                    Ok(()) => {
+                        loaded += 1;
+                        assert!(early.is_ok());
+                        let after = train(&mut fresh, trained.clone(), 6, case);
+                        assert!(finite(&after), "{config:?}: a loaded record led to non-finite weights");
+                        let telemetry = fresh.sync_telemetry();
+                        assert!(telemetry.sam_steps <= telemetry.step && telemetry.sam_fraction <= 1.0);
+                        // The state it reached is itself a valid record.
+                        let again = fresh.to_record();
+                        if let Err(err) = again.check_config(&config) {
+                            panic!(
+                                "{err}\nloaded: {}\nreached: {}",
+                                serde_json::to_string(&loaded_header).unwrap(),
+                                serde_json::to_string(&again.header).unwrap()
+                            );
+                        }
+                        SamEngine::new(&config).unwrap().load_record(again, &after).unwrap();
+                    }
+                }
+            }
+        }
+        assert!(loaded > 20 && refused > 100, "loaded {loaded}, refused {refused}");
+    }
+
+    #[test]
+    fn the_cases_found_by_reading_are_refused() {
+        let look = SamConfig::look_sam(3, 0.5);
+        let mut engine = SamEngine::new(&look).unwrap();
+        let trained = train(&mut engine, model(), 7, 0);
+        let valid = engine.to_record();
+        assert!(!valid.cache.is_empty() && valid.cache_norm.is_some());
+        // LookSAM's cache norm set to 0: recomputed from the cached tensors, it does not match.
+        let mut zero_norm = valid.clone();
+        zero_norm.cache_norm = Some(TensorData::new(vec![0.0f32], [1]));
+        let err = zero_norm.check_config(&look).unwrap_err().to_string();
+        assert!(err.contains("does not match the cached tensors"), "{err}");
+        // A NaN in the cached PSF.
+        let mut nan = valid.clone();
+        let (id, data) = nan.cache[0].clone();
+        let mut values: Vec<f32> = data.iter::<f32>().collect();
+        values[0] = f32::NAN;
+        nan.cache[0] = (id, TensorData::new(values, [data.num_elements()]));
+        assert!(nan.check_config(&look).unwrap_err().to_string().contains("non-finite"));
+        // Cached values whose squared norm is beyond f32.
+        let mut huge = valid.clone();
+        let (id, data) = huge.cache[0].clone();
+        let values: Vec<f32> = data.iter::<f32>().map(|_| 1e30).collect();
+        huge.cache[0] = (id, TensorData::new(values, [data.num_elements()]));
+        assert!(huge.check_config(&look).unwrap_err().to_string().contains("beyond f32's range"));
+        // Counters that cannot come from one run.
+        let mut counters = valid.clone();
+        counters.header.state.sam_steps = counters.header.state.steps + 1;
+        assert!(counters.check_config(&look).unwrap_err().to_string().contains("counters"));
+        let mut since = valid.clone();
+        since.header.state.since_cache = u32::MAX;
+        assert!(since.check_config(&look).unwrap_err().to_string().contains("since the cache"));
+        let mut fresh = SamEngine::new(&look).unwrap();
+        fresh.load_record(valid, &trained).unwrap();
+
+        // vSAM's warm-up left above the configured warm-up (a record of another run length).
+        let vsam = SamConfig::vsam(10);
+        let mut engine = SamEngine::new(&vsam).unwrap();
+        train(&mut engine, model(), 3, 0);
+        let mut long = engine.to_record();
+        let mut json = serde_json::to_value(&long.header).unwrap();
+        let state = &mut json["state"]["gate"]["rule"]["Variation"][1];
+        assert!(state["warmup_left"].as_u64().is_some(), "{json}");
+        state["warmup_left"] = serde_json::json!(1_000_000_000u64);
+        long.header = serde_json::from_value(json).unwrap();
+        let err = long.check_config(&vsam).unwrap_err().to_string();
+        assert!(err.contains("warm-up"), "{err}");
     }
 }

@@ -139,6 +139,23 @@ pub fn verify_checkpoint(
                 )));
             }
         }
+        // The base optimizer's state tensors are named after the parameter they belong to.
+        let ids: HashSet<u64> = parameters.iter().map(|(id, _)| *id).collect();
+        let base = record
+            .base
+            .into_bytes()
+            .map_err(|e| e.to_string())
+            .and_then(|bytes| burn_pack::Reader::from_bytes(bytes).map_err(|e| e.to_string()))
+            .and_then(|reader| reader.into_tensors().map_err(|e| e.to_string()))
+            .map_err(|err| SamError::CorruptRecord(format!("checkpoint {epoch}: {}: {err}", optim.display())))?;
+        if let Some(stranger) = base.iter().find(|tensor| tensor.param_id.is_some_and(|id| !ids.contains(&id))) {
+            return Err(SamError::RecordMismatch(format!(
+                "checkpoint {epoch}: the base optimizer's state `{}` in {} belongs to a parameter that {} does not hold",
+                stranger.name,
+                optim.display(),
+                model.display()
+            )));
+        }
     }
     Ok(())
 }

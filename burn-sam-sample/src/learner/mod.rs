@@ -11,7 +11,7 @@
 //! [`SamHandle::optimize`], which the model's `TrainStep::optimize` calls.
 //!
 //! Checkpoints: [`SamTrainingExt::with_sam_checkpointing`] writes sealed sets (model, optimizer
-//! with the SAM state, scheduler) that [`verify_checkpoint`] and [`latest_checkpoint`] read;
+//! with the SAM state, scheduler) that [`verify_checkpoint`] and [`CheckpointSet::latest`](crate::checkpoint::CheckpointSet::latest) read;
 //! [`EpochLoader`] makes a resumed run end with the weights of the uninterrupted one.
 //!
 //! See `docs/learner.md` for the integration, the multi-device semantics and checkpointing.
@@ -113,6 +113,8 @@ struct Shared {
     /// Burn's interrupter of the run, through which a restored state that does not fit the
     /// model stops training with an error.
     interrupter: Option<Interrupter>,
+    /// Why this handle stopped the run, if it did.
+    failure: Option<String>,
 }
 
 /// The SAM state of a Learner run, shared by every clone of the model it lives in.
@@ -159,6 +161,7 @@ impl SamHandle {
                 snapshots: BTreeMap::new(),
                 restore: None,
                 interrupter: None,
+                failure: None,
             })),
         })
     }
@@ -238,6 +241,7 @@ impl SamHandle {
                     replica.steps_in_round += 1;
                 }
                 Err(message) => {
+                    shared.failure.get_or_insert_with(|| message.clone());
                     let Some(interrupter) = shared.interrupter.clone() else {
                         // Documented panic: no interrupter to stop the run with, and continuing
                         // would train on a state that does not belong to this model.
@@ -333,6 +337,13 @@ impl SamHandle {
     /// it.
     pub fn stop_with(&self, interrupter: Interrupter) {
         self.lock().interrupter = Some(interrupter);
+    }
+
+    /// Why this handle stopped the run (a restored state that does not fit the model), if it
+    /// did. Check it after `launch` as well as `LearningResult::error`: Burn's terminal
+    /// dashboard resets the interrupter when training ends, which clears that error.
+    pub fn failure(&self) -> Option<String> {
+        self.lock().failure.clone()
     }
 
     pub(crate) fn take_snapshot(&self, epoch: usize) -> Option<SamEngine> {

@@ -6,6 +6,7 @@
 use burn::config::Config;
 use serde::{Deserialize, Serialize};
 
+use super::MAX_GRAD_NORM_SQ;
 use crate::error::{Result, SamError};
 
 /// Configuration of the AE-SAM gate.
@@ -68,10 +69,12 @@ pub struct AeSamState {
 impl AeSamState {
     /// Whether the state could have come from this gate (finite statistics).
     pub(crate) fn is_consistent(&self) -> bool {
-        self.mean.is_none_or(f64::is_finite)
-            && self.variance.is_finite()
-            && self.variance >= 0.0
-            && self.latest.is_none_or(f64::is_finite)
+        // ‖g‖² is read from the device as f32: its moving mean stays below f32's largest value
+        // and its moving variance below that value's square.
+        let grad_sq = |v: f64| (0.0..=MAX_GRAD_NORM_SQ).contains(&v);
+        self.mean.is_none_or(grad_sq)
+            && (0.0..=MAX_GRAD_NORM_SQ * MAX_GRAD_NORM_SQ).contains(&self.variance)
+            && self.latest.is_none_or(grad_sq)
     }
 
     /// Records ‖g‖² of a finished step. Non-finite values are ignored.

@@ -86,6 +86,16 @@ impl GatePolicy {
     }
 }
 
+/// The largest ‖PSF‖ a finite step measures: the engine sums its squares in f32, whose largest
+/// value is below 2¹²⁸, so the norm is below 2⁶⁴. Restored statistics above it cannot come from
+/// a run (and their squares would overflow the gate's variances).
+pub(crate) const MAX_PSF_NORM: f64 = 18_446_744_073_709_551_616.0;
+/// The largest ‖PSF‖/‖g‖ a finite step measures: below 2⁶⁴ over the square root of f32's
+/// smallest positive value (2⁻¹⁴⁹); 2¹⁴⁰ leaves room.
+pub(crate) const MAX_PSF_RATIO: f64 = 1.393_796_574_908_163_9e42;
+/// The largest ‖g‖² read from the device (f32).
+pub(crate) const MAX_GRAD_NORM_SQ: f64 = f32::MAX as f64;
+
 /// Statistics of a finished SAM step, over the last N parameter tensors.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 pub struct PsfStats {
@@ -96,9 +106,10 @@ pub struct PsfStats {
 }
 
 impl PsfStats {
-    /// Both values are finite and non-negative.
+    /// Both values are finite, non-negative and within what a finite step can measure (the
+    /// engine sums squares in f32).
     pub fn is_valid(&self) -> bool {
-        self.psf_norm.is_finite() && self.ratio.is_finite() && self.psf_norm >= 0.0 && self.ratio >= 0.0
+        (0.0..=MAX_PSF_NORM).contains(&self.psf_norm) && (0.0..=MAX_PSF_RATIO).contains(&self.ratio)
     }
 }
 

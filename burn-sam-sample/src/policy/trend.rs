@@ -28,6 +28,9 @@ use burn::config::Config;
 use serde::{Deserialize, Serialize};
 
 use super::PsfStats;
+
+/// Bound on |ln(‖PSF‖/‖g‖)| of a finite step (see `MAX_PSF_RATIO`: ln 2¹⁴⁰ ≈ 97).
+const MAX_LOG_RATIO: f64 = 100.0;
 use crate::error::{Result, SamError};
 
 /// Largest history accepted, in SAM samples.
@@ -130,8 +133,9 @@ impl TrendState {
             && (config.min_fraction..=config.max_fraction).contains(&self.rate)
             && self.recent.len() <= config.history
             && self.recent.len() as u64 <= self.samples
-            && self.recent.iter().all(|v| v.is_finite())
-            && self.log_ratio_sum.is_finite()
+            // ln of a ratio a finite step measures lies within ±ln(MAX_PSF_RATIO) < 100.
+            && self.recent.iter().all(|v| v.abs() <= MAX_LOG_RATIO)
+            && self.log_ratio_sum.abs() <= MAX_LOG_RATIO * self.samples as f64
     }
 
     pub(crate) fn in_warmup(&self) -> bool {

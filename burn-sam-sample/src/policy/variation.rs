@@ -10,7 +10,7 @@ use burn::config::Config;
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 
-use super::PsfStats;
+use super::{PsfStats, MAX_PSF_NORM, MAX_PSF_RATIO};
 use crate::error::{Result, SamError};
 
 /// Largest window accepted: the histories hold `window` values each.
@@ -158,7 +158,9 @@ impl VariationState {
     /// Whether the state could have come from a gate with `config` (restored records are
     /// checked with this before use).
     pub(crate) fn is_consistent(&self, config: &VariationConfig) -> bool {
-        let finite_non_negative = |v: &f64| v.is_finite() && *v >= 0.0;
+        let norm = |v: &f64| (0.0..=MAX_PSF_NORM).contains(v);
+        let ratio = |v: &f64| (0.0..=MAX_PSF_RATIO).contains(v);
+        let variance = |v: &f64| (0.0..=MAX_PSF_NORM * MAX_PSF_NORM).contains(v);
         let k = config.window;
         self.warmup_left <= config.warmup_steps
             && self.iteration >= 1
@@ -170,9 +172,11 @@ impl VariationState {
             && (0..=k as i64).contains(&self.taken)
             && self.psf_norms.len() == k
             && self.ratios.len() == k
-            && self.psf_norms.iter().all(finite_non_negative)
-            && self.ratios.iter().all(finite_non_negative)
-            && self.variances.iter().all(finite_non_negative)
+            && self.psf_norms.iter().all(norm)
+            && self.ratios.iter().all(ratio)
+            // One block variance per SAM step, truncated to K at each window boundary.
+            && self.variances.len() <= 2 * k
+            && self.variances.iter().all(variance)
             && self.last_changes.is_none_or(|(r, v)| r.is_finite() && v.is_finite())
     }
 
