@@ -285,9 +285,9 @@ fn a_server_that_never_answers_times_out() {
 #[test]
 fn a_body_longer_than_the_cap_is_cut_off_and_leaves_nothing() {
     let (files, sums) = dataset();
-    let mut answers = answers(&files);
-    answers.insert(format!("{}.gz", FILES[0]), Answer::Endless);
-    let server = serve(answers);
+    let mut endless = answers(&files);
+    endless.insert(format!("{}.gz", FILES[0]), Answer::Endless);
+    let server = serve(endless);
     let cache = tempfile::tempdir().unwrap();
     let err = downloader(&server.base_url, sums.clone()).fetch(cache.path()).unwrap_err().to_string();
     assert!(err.contains("past the 1048576 bytes accepted") && err.contains("attempt 1 of 2"), "{err}");
