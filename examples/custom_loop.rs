@@ -83,7 +83,14 @@ fn train(Args { train: args, test_subset, artifact_dir, resume }: Args) -> Resul
     let resume_from = match resume.resume {
         Some(resume) => {
             let epoch = resume.epoch(&checkpoints)?;
-            checkpoints.check_resume(epoch, args.epochs).map_err(|err| format!("--resume {epoch}: {err}"))?;
+            if let Err(err) = checkpoints.check_resume(epoch, args.epochs) {
+                // A finished run: say what its last set holds, then refuse to train nothing.
+                if epoch == args.epochs && checkpoints.verify(epoch).is_ok() {
+                    let model = CnnConfig::new().init(&train_device).try_load_file(checkpoints.file("model", epoch))?;
+                    println!("checkpoint {epoch} holds the finished run: weights digest {}", weights_digest(&model));
+                }
+                return Err(format!("--resume {epoch}: {err}").into());
+            }
             Some(epoch)
         }
         None => {

@@ -79,7 +79,8 @@ expect 1 "is not a folder" "$fm" --artifact-dir "$tmp/a-file" "${small[@]}"
 expect 1 "checkpoint 1" "$fm" --artifact-dir "$tmp/never-trained" --epochs 2 --resume 1 --train-subset 512
 expect 1 "nothing is left to train" "$fm" --artifact-dir "$tmp/never-trained" --epochs 1 --resume 1
 expect 1 "no complete checkpoint" "$fm" --artifact-dir "$tmp/never-trained" --epochs 2 --resume latest
-run=(--epochs 3 --train-subset 512 --test-subset 256 --batch-size 32 --augment --warmup-steps 4)
+run_opts=(--train-subset 512 --test-subset 256 --batch-size 32 --augment)
+run=(--epochs 3 "${run_opts[@]}" --warmup-steps 4)
 if "$fm" "${run[@]}" --artifact-dir "$tmp/run" >"$tmp/run.log" 2>&1; then
     pass=$((pass + 1))
     # Killed after epoch 2: only that set is there. The resumed run ends with the same weights
@@ -97,22 +98,24 @@ if "$fm" "${run[@]}" --artifact-dir "$tmp/run" >"$tmp/run.log" 2>&1; then
         fail=$((fail + 1))
     fi
     cp -r "$tmp/run" "$tmp/other"
-    expect 1 "the record was saved with" "$fm" --artifact-dir "$tmp/other" --epochs 3 --resume 2 --method sam \
-        --train-subset 512 --test-subset 256
+    expect 1 "--method: vsam in the checkpoint, sam now" "$fm" --artifact-dir "$tmp/other" --epochs 3 --resume 2 \
+        --method sam "${run_opts[@]}"
     # Overwrite 4 KiB in the middle of the optimizer file, then of the model file.
     for name in optim model; do
         file="$tmp/run/checkpoint/$name-2.bpk"
         head -c 4096 /dev/zero | tr '\0' '\377' |
             dd of="$file" bs=1 seek=$(($(stat -c %s "$file") / 2)) conv=notrunc status=none
-        expect 1 "$name-2.bpk is damaged" "$fm" --artifact-dir "$tmp/run" --epochs 3 --resume 2 --train-subset 512
+        expect 1 "$name-2.bpk is damaged" "$fm" --artifact-dir "$tmp/run" "${run[@]}" --resume 2
     done
     # A set whose manifest was never written (killed while saving) is incomplete, and `latest`
     # falls back to an older complete one or none.
     rm "$tmp/other/checkpoint/set-3.json"
-    expect 1 "incomplete" "$fm" --artifact-dir "$tmp/other" --epochs 4 --resume 3 --train-subset 512
+    expect 1 "incomplete" "$fm" --artifact-dir "$tmp/other" --epochs 4 "${run_opts[@]}" --warmup-steps 4 \
+        --allow-epochs-change --resume 3
     rm "$tmp/other/checkpoint/scheduler-2.bpk"
-    expect 1 "scheduler-2.bpk" "$fm" --artifact-dir "$tmp/other" --epochs 3 --resume 2 --train-subset 512
-    expect 1 "no complete checkpoint" "$fm" --artifact-dir "$tmp/other" --epochs 4 --resume latest
+    expect 1 "scheduler-2.bpk" "$fm" --artifact-dir "$tmp/other" "${run[@]}" --resume 2
+    expect 1 "no complete checkpoint" "$fm" --artifact-dir "$tmp/other" --epochs 4 "${run_opts[@]}" \
+        --warmup-steps 4 --allow-epochs-change --resume latest
 else
     echo "FAIL: a small training run failed:"
     tail -n 20 "$tmp/run.log"
@@ -126,6 +129,11 @@ if "$cl" "${cl_run[@]}" --artifact-dir "$tmp/cl" >"$tmp/cl.log" 2>&1; then
     cp "$tmp/cl/"*-1.* "$tmp/cl-resumed/"
     "$cl" "${cl_run[@]}" --artifact-dir "$tmp/cl-resumed" --resume latest >"$tmp/cl-resumed.log" 2>&1
     expect_file 0 $? "resumed from the state saved after epoch 1" "$tmp/cl-resumed.log" "custom_loop --resume latest"
+    # Resuming a finished run trains nothing: an error naming both numbers, and what its last
+    # set holds.
+    expect 1 "nothing is left to train after epoch 2" "$cl" "${cl_run[@]}" --artifact-dir "$tmp/cl" --resume latest
+    expect 1 "checkpoint 2 holds the finished run: weights digest" "$cl" "${cl_run[@]}" --artifact-dir "$tmp/cl" \
+        --resume latest
     if same_weights "$tmp/cl.log" "$tmp/cl-resumed.log"; then
         pass=$((pass + 1))
     else
