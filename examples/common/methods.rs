@@ -78,6 +78,11 @@ pub fn scaled_warmup(total_steps: usize) -> usize {
     (total_steps / 200 * 3 + (total_steps % 200 * 3).div_ceil(200)).max(50)
 }
 
+/// The learning rate at `step` of `total_steps` under a cosine decay from `peak` to 0.
+pub fn cosine_lr(peak: f64, step: usize, total_steps: usize) -> f64 {
+    peak * 0.5 * (1.0 + (std::f64::consts::PI * step as f64 / total_steps.max(1) as f64).cos())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -89,9 +94,4 @@ mod tests {
         }
         assert_eq!(scaled_warmup(usize::MAX), usize::MAX / 200 * 3 + (usize::MAX % 200 * 3).div_ceil(200));
     }
-}
-
-/// The learning rate at `step` of `total_steps` under a cosine decay from `peak` to 0.
-pub fn cosine_lr(peak: f64, step: usize, total_steps: usize) -> f64 {
-    peak * 0.5 * (1.0 + (std::f64::consts::PI * step as f64 / total_steps.max(1) as f64).cos())
 }

@@ -160,8 +160,11 @@ pub fn verify_checkpoint(
     Ok(())
 }
 
+/// Parameters as (id, shape) pairs.
+type Parameters = HashSet<(u64, Vec<usize>)>;
+
 /// The (parameter id, shape) pairs of a model file; `None` when it records no parameter ids.
-fn model_parameters(path: &Path) -> Result<Option<HashSet<(u64, Vec<usize>)>>, String> {
+fn model_parameters(path: &Path) -> Result<Option<Parameters>, String> {
     let bytes = std::fs::read(path).map_err(|e| e.to_string())?;
     let reader =
         burn_pack::Reader::from_bytes(burn::tensor::Bytes::from_bytes_vec(bytes)).map_err(|e| e.to_string())?;

@@ -92,7 +92,7 @@ impl GatePolicy {
 pub(crate) const MAX_PSF_NORM: f64 = 18_446_744_073_709_551_616.0;
 /// The largest ‖PSF‖/‖g‖ a finite step measures: below 2⁶⁴ over the square root of f32's
 /// smallest positive value (2⁻¹⁴⁹); 2¹⁴⁰ leaves room.
-pub(crate) const MAX_PSF_RATIO: f64 = 1.393_796_574_908_163_9e42;
+pub(crate) const MAX_PSF_RATIO: f64 = MAX_PSF_NORM * MAX_PSF_NORM * 4096.0;
 /// The largest ‖g‖² read from the device (f32).
 pub(crate) const MAX_GRAD_NORM_SQ: f64 = f32::MAX as f64;
 
