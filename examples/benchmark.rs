@@ -843,6 +843,11 @@ fn run_benchmark(mut args: Args) -> Result<(), Box<dyn std::error::Error>> {
         Some(_) => select(&all, &args.control_methods)?,
         None => variants.clone(),
     };
+    // The output folders are made before any run, so that a path that cannot be written is an
+    // error naming it, not one after hours of training.
+    let stem = args.out.with_extension("");
+    std::fs::create_dir_all(&stem)
+        .map_err(|e| format!("--out {}: cannot create {}: {e}", args.out.display(), stem.display()))?;
     let device = backend::select(args.backend.as_deref())?;
     let data = FashionMnist::load(args.data_dir.as_deref(), Fetch::from_flag(args.offline))?;
     let clean_train = subset(&data.train, args.train_subset);
@@ -879,8 +884,6 @@ fn run_benchmark(mut args: Args) -> Result<(), Box<dyn std::error::Error>> {
         }
     }
 
-    let stem = args.out.with_extension("");
-    std::fs::create_dir_all(&stem)?;
     let rel = |path: &Path| -> String {
         let parent = args.out.parent().unwrap_or(Path::new(""));
         path.strip_prefix(parent).unwrap_or(path).display().to_string()
@@ -934,8 +937,11 @@ fn run_benchmark(mut args: Args) -> Result<(), Box<dyn std::error::Error>> {
         }
         summaries.extend(rows);
     }
-    std::fs::write(stem.join("results.json"), serde_json::to_string(&results)?)?;
-    std::fs::write(stem.join("summary.json"), serde_json::to_string_pretty(&summaries)?)?;
+    let write = |path: &Path, contents: &[u8]| {
+        std::fs::write(path, contents).map_err(|e| format!("cannot write {}: {e}", path.display()))
+    };
+    write(&stem.join("results.json"), serde_json::to_string(&results)?.as_bytes())?;
+    write(&stem.join("summary.json"), serde_json::to_string_pretty(&summaries)?.as_bytes())?;
     let _ = writeln!(
         report,
         "Raw results (per run, per epoch, per gate window): [`{0}`]({0}); summary: [`{1}`]({1}).",
@@ -949,7 +955,7 @@ fn run_benchmark(mut args: Args) -> Result<(), Box<dyn std::error::Error>> {
             report.push_str(&previous[at..]);
         }
     }
-    std::fs::write(&args.out, &report)?;
+    write(&args.out, report.as_bytes())?;
     println!("{report}");
     Ok(())
 }

@@ -97,6 +97,10 @@ impl InferenceStep for Model {
 
 fn main() -> ExitCode {
     burn_sam_sample_examples::process::end_quietly_on_closed_output();
+    if let Some(option) = std::env::args().nth(1) {
+        eprintln!("error: learner_minimal takes no options (got `{option}`)");
+        return ExitCode::from(2);
+    }
     match run() {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {

@@ -154,6 +154,9 @@ expect 1 "error: invalid configuration: \`backend\` = tpu" "$bin/soak" --backend
 expect 1 "error: invalid configuration: \`backend\` = tpu" "$bin/quickstart" --backend tpu
 expect 2 "--overwrite" "$fm" --resume latest --overwrite
 
+expect 2 "takes no options" "$bin/learner_minimal" --epochs 3
+expect 1 "--out /proc/sam-bench/b.md: cannot create /proc/sam-bench/b" "$bin/benchmark" --quick --out /proc/sam-bench/b.md
+
 # A closed stdout ends the program quietly (SIGPIPE, as Unix tools do), never a panic.
 for program in quickstart soak; do
     "$bin/$program" --steps 5 2>"$tmp/pipe.err" | head -c 1 >/dev/null

@@ -1,4 +1,5 @@
 #![warn(missing_docs)]
+#![cfg_attr(docsrs, feature(doc_cfg))]
 //! Fast sharpness-aware training for [Burn](https://burn.dev).
 //!
 //! SAM (sharpness-aware minimization) computes two gradients per step: `g = ∇L(w)` and
