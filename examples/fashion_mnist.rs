@@ -9,8 +9,9 @@
 //! cargo run --release -p burn-sam-sample-examples --example fashion_mnist -- --method vsam --epochs 3
 //! ```
 //!
-//! Reports test accuracy, the SAM fraction, gradient passes per step and wall-clock time. The
-//! dashboard (TUI in a terminal, plain lines otherwise) shows the SAM metrics next to Burn's.
+//! Reports test accuracy, the SAM fraction, gradient passes per step and wall-clock time. In a
+//! terminal, Burn's dashboard shows the SAM metrics next to Burn's; otherwise (a log file, CI)
+//! a line per tenth of an epoch and one per finished split with its metrics.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -37,6 +38,7 @@ use burn_sam_sample_examples::fashion::{subset, FashionBatch, FashionBatcher, Fa
 use burn_sam_sample_examples::methods::Method;
 use burn_sam_sample_examples::model::{Cnn, CnnConfig};
 use burn_sam_sample_examples::process::{end_quietly_on_closed_output, weights_digest};
+use burn_sam_sample_examples::renderer::PlainOutput;
 use clap::Parser;
 
 /// Train a CNN on Fashion-MNIST with a member of the SAM family.
@@ -201,6 +203,8 @@ fn train(options: Args) -> Result<(), Box<dyn std::error::Error>> {
     if let Some(epoch) = resume {
         training = training.checkpoint(epoch);
     }
+    // Burn's dashboard in a terminal; otherwise plain lines, a few per epoch.
+    training = training.plain_output_unless_terminal();
 
     let start = Instant::now();
     let result = training.launch(Learner::new(model, base, schedule));

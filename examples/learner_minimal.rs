@@ -21,6 +21,7 @@ use burn::train::checkpoint::KeepLastNCheckpoints;
 use burn::train::metric::{AccuracyMetric, LossMetric};
 use burn::train::{ClassificationOutput, InferenceStep, Learner, SupervisedTraining, TrainOutput, TrainStep};
 use burn_sam_sample::{backend, learner::*, SamConfig};
+use burn_sam_sample_examples::renderer::PlainOutput;
 use burn_sam_sample_examples::spirals;
 
 #[derive(Clone, Debug)]
@@ -134,6 +135,10 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         .metrics((AccuracyMetric::new(), LossMetric::new()))
         .metric_train_numeric(SamFractionMetric::new())
         .with_sam_checkpointing(&checkpoints, &model.sam, KeepLastNCheckpoints::new(2))
+        // README:end
+        // Outside a terminal, plain lines instead of a dump of Burn's progress for every batch.
+        .plain_output_unless_terminal()
+        // README:start
         .launch(Learner::new(model, SgdConfig::new().init(), 0.1));
     // README:end
     if let Some(error) = result.error {

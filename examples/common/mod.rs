@@ -10,6 +10,7 @@ pub mod fashion;
 pub mod methods;
 pub mod model;
 pub mod process;
+pub mod renderer;
 
 use burn::prelude::*;
 use rand::{Rng, SeedableRng};
