@@ -26,7 +26,7 @@ use burn_sam_sample_examples::evaluate_loader;
 use burn_sam_sample_examples::fashion::{subset, FashionBatcher, FashionMnist, Fetch};
 use burn_sam_sample_examples::methods::cosine_lr;
 use burn_sam_sample_examples::model::{Cnn, CnnConfig};
-use burn_sam_sample_examples::process::{end_quietly_on_closed_output, weights_digest};
+use burn_sam_sample_examples::process::{end_quietly_on_closed_output, exit_with, usage_error, weights_digest};
 use clap::Parser;
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -51,16 +51,9 @@ fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
     let args = Args::parse();
     if let Err(error) = args.train.check() {
-        eprintln!("error: {error}");
-        return ExitCode::from(2);
+        return usage_error(error);
     }
-    match train(args) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(error) => {
-            eprintln!("error: {error}");
-            ExitCode::FAILURE
-        }
-    }
+    exit_with(train(args))
 }
 
 fn train(Args { train: args, test_subset, artifact_dir, resume }: Args) -> Result<(), Box<dyn std::error::Error>> {

@@ -21,6 +21,7 @@ use burn::train::checkpoint::KeepLastNCheckpoints;
 use burn::train::metric::{AccuracyMetric, LossMetric};
 use burn::train::{ClassificationOutput, InferenceStep, Learner, SupervisedTraining, TrainOutput, TrainStep};
 use burn_sam_sample::{backend, learner::*, SamConfig};
+use burn_sam_sample_examples::process::{end_quietly_on_closed_output, exit_with, usage_error};
 use burn_sam_sample_examples::renderer::PlainOutput;
 use burn_sam_sample_examples::spirals;
 
@@ -97,18 +98,11 @@ impl InferenceStep for Model {
 }
 
 fn main() -> ExitCode {
-    burn_sam_sample_examples::process::end_quietly_on_closed_output();
+    end_quietly_on_closed_output();
     if let Some(option) = std::env::args().nth(1) {
-        eprintln!("error: learner_minimal takes no options (got `{option}`)");
-        return ExitCode::from(2);
+        return usage_error(format!("learner_minimal takes no options (got `{option}`)"));
     }
-    match run() {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(error) => {
-            eprintln!("error: {error}");
-            ExitCode::FAILURE
-        }
-    }
+    exit_with(run())
 }
 
 fn run() -> Result<(), Box<dyn std::error::Error>> {

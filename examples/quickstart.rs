@@ -16,7 +16,7 @@ use burn::optim::{momentum::MomentumConfig, SgdConfig};
 use burn::prelude::*;
 use burn_sam_sample::{backend, SamConfig};
 use burn_sam_sample_examples::cli::parse;
-use burn_sam_sample_examples::process::end_quietly_on_closed_output;
+use burn_sam_sample_examples::process::{end_quietly_on_closed_output, exit_with};
 use burn_sam_sample_examples::{accuracy, spirals};
 use clap::Parser;
 
@@ -62,13 +62,7 @@ impl Net {
 fn main() -> ExitCode {
     end_quietly_on_closed_output();
     env_logger::init();
-    match compare(Args::parse()) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(error) => {
-            eprintln!("error: {error}");
-            ExitCode::FAILURE
-        }
-    }
+    exit_with(compare(Args::parse()))
 }
 
 fn compare(args: Args) -> Result<(), Box<dyn std::error::Error>> {

@@ -17,7 +17,7 @@ use burn::prelude::*;
 use burn::tensor::Distribution;
 use burn_sam_sample::{backend, SamConfig};
 use burn_sam_sample_examples::cli::parse;
-use burn_sam_sample_examples::process::end_quietly_on_closed_output;
+use burn_sam_sample_examples::process::{end_quietly_on_closed_output, exit_with};
 use clap::Parser;
 
 /// Run many vSAM steps and watch memory.
@@ -48,13 +48,7 @@ fn rss_mib() -> Option<f64> {
 fn main() -> ExitCode {
     end_quietly_on_closed_output();
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
-    match soak(Args::parse()) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(error) => {
-            eprintln!("error: {error}");
-            ExitCode::FAILURE
-        }
-    }
+    exit_with(soak(Args::parse()))
 }
 
 fn soak(args: Args) -> Result<(), Box<dyn std::error::Error>> {

@@ -149,6 +149,15 @@ fn vsam() -> SamConfig {
     SamConfig::new().with_policy(GatePolicy::Variation(variation)).with_seed(7)
 }
 
+/// [`training`] with the SAM checkpoint sets of `dir`, keeping the last `keep`.
+fn checkpointed(dir: &Path, epochs: usize, handle: &SamHandle, keep: usize) -> SupervisedTraining<Net> {
+    training(dir, epochs).with_sam_checkpointing(
+        &checkpoint_set(dir).writer().unwrap(),
+        handle,
+        KeepLastNCheckpoints::new(keep),
+    )
+}
+
 fn training(dir: &Path, epochs: usize) -> SupervisedTraining<Net> {
     let (train, valid) = loaders();
     SupervisedTraining::new(dir, train, valid)
@@ -225,22 +234,13 @@ fn resuming_from_a_checkpoint_is_exact() {
     let straight = Net::new(&device, &vsam());
     let straight_decisions = straight.decisions.clone();
     let handle = straight.sam.clone();
-    let straight = training(straight_dir.path(), 3)
-        .with_sam_checkpointing(
-            &checkpoint_set(straight_dir.path()).writer().unwrap(),
-            &handle,
-            KeepLastNCheckpoints::new(3),
-        )
-        .launch(Learner::new(straight, base(), LR))
-        .model;
+    let straight = checkpointed(straight_dir.path(), 3, &handle, 3).launch(Learner::new(straight, base(), LR)).model;
 
     let dir = tempfile::tempdir().unwrap();
     let first = Net::new(&device, &vsam());
     let mut decisions = first.decisions.clone();
     let handle = first.sam.clone();
-    training(dir.path(), 2)
-        .with_sam_checkpointing(&checkpoint_set(dir.path()).writer().unwrap(), &handle, KeepLastNCheckpoints::new(3))
-        .launch(Learner::new(first, base(), LR));
+    checkpointed(dir.path(), 2, &handle, 3).launch(Learner::new(first, base(), LR));
     let mut all = decisions.lock().unwrap().clone();
 
     // A new process would check the checkpoint first, then build a fresh model and handle and
@@ -272,11 +272,7 @@ fn resuming_from_a_checkpoint_is_exact() {
 fn run_with_checkpoints(dir: &Path, epochs: usize, resume: Option<usize>) -> (Vec<bool>, Net) {
     let model = Net::new(&device(), &vsam());
     let (decisions, handle) = (model.decisions.clone(), model.sam.clone());
-    let mut training = training(dir, epochs).with_sam_checkpointing(
-        &checkpoint_set(dir).writer().unwrap(),
-        &handle,
-        KeepLastNCheckpoints::new(8),
-    );
+    let mut training = checkpointed(dir, epochs, &handle, 8);
     if let Some(epoch) = resume {
         training = training.checkpoint(epoch);
     }
@@ -448,9 +444,7 @@ fn checkpoint_sets_are_sealed_and_incomplete_or_damaged_ones_are_refused() {
     std::fs::write(folder.join("model-9.bpk.4242-0.tmp"), "left by a killed run").unwrap();
     let model = Net::new(&device(), &vsam());
     let handle = model.sam.clone();
-    let result = training(dir.path(), 3)
-        .with_sam_checkpointing(&checkpoint_set(dir.path()).writer().unwrap(), &handle, KeepLastNCheckpoints::new(2))
-        .launch(Learner::new(model, base(), LR));
+    let result = checkpointed(dir.path(), 3, &handle, 2).launch(Learner::new(model, base(), LR));
     assert!(result.error.is_none(), "{:?}", result.error);
     assert!(!folder.join("model-9.bpk.4242-0.tmp").exists(), "stale temporary files are removed");
     // Kept: epochs 2 and 3, each sealed; epoch 1 was deleted with its manifest.
@@ -486,13 +480,7 @@ fn a_restored_state_that_does_not_fit_is_refused_before_training_and_never_panic
     for dir in [&a, &b] {
         let model = Net::new(&device(), &vsam());
         let handle = model.sam.clone();
-        let result = training(dir.path(), 2)
-            .with_sam_checkpointing(
-                &checkpoint_set(dir.path()).writer().unwrap(),
-                &handle,
-                KeepLastNCheckpoints::new(3),
-            )
-            .launch(Learner::new(model, base(), LR));
+        let result = checkpointed(dir.path(), 2, &handle, 3).launch(Learner::new(model, base(), LR));
         assert!(result.error.is_none(), "{:?}", result.error);
     }
     let (a_set, b_set) = (checkpoint_set(a.path()), checkpoint_set(b.path()));
@@ -520,9 +508,7 @@ fn a_resume_with_nothing_left_to_train_is_an_error_naming_both_numbers() {
     let dir = tempfile::tempdir().unwrap();
     let model = Net::new(&device(), &vsam());
     let handle = model.sam.clone();
-    training(dir.path(), 2)
-        .with_sam_checkpointing(&checkpoint_set(dir.path()).writer().unwrap(), &handle, KeepLastNCheckpoints::new(3))
-        .launch(Learner::new(model, base(), LR));
+    checkpointed(dir.path(), 2, &handle, 3).launch(Learner::new(model, base(), LR));
     // Burn's default is one epoch: `.checkpoint(2)` without `.num_epochs(..)` would train nothing.
     let err = verify_checkpoint(&checkpoint_set(dir.path()), 2, 1, &vsam()).unwrap_err().to_string();
     assert!(err.contains("plans 1 epoch(s)") && err.contains("after epoch 2"), "{err}");

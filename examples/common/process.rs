@@ -2,6 +2,7 @@
 //! and a digest of the trained weights that two runs can be compared by.
 
 use std::hash::Hasher;
+use std::process::ExitCode;
 
 use burn::module::{Module, ModuleVisitor, Param};
 use burn::tensor::Tensor;
@@ -32,4 +33,21 @@ pub fn weights_digest<M: Module>(module: &M) -> String {
     let mut digest = Digest(Default::default(), 0);
     module.visit(&mut digest);
     format!("{:016x} ({} values)", digest.0.finish(), digest.1)
+}
+
+/// The exit of a program's body: 0, or its error printed with `Display` and 1.
+pub fn exit_with(result: Result<(), Box<dyn std::error::Error>>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// A usage error found after parsing (options that do not fit together): printed, exit 2.
+pub fn usage_error(message: impl std::fmt::Display) -> ExitCode {
+    eprintln!("error: {message}");
+    ExitCode::from(2)
 }
