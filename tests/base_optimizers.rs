@@ -7,11 +7,11 @@
 
 use burn::grad_clipping::GradientClippingConfig;
 use burn::module::ParamGroup;
-use burn::optim::{AdamConfig, AdamWConfig, GradientsParams, ModuleOptimizer, SgdConfig};
+use burn::optim::{AdamConfig, AdamWConfig, ModuleOptimizer, SgdConfig};
 use burn::tensor::Bytes;
 use burn_sam_sample::policy::{GatePolicy, VariationConfig};
-use burn_sam_sample::{Pass, SamConfig, SamEngine, SamOptimizerRecord};
-use burn_sam_sample_tests::{device, params, random_batch, random_mlp, train_steps, Mlp};
+use burn_sam_sample::{SamConfig, SamEngine, SamOptimizerRecord};
+use burn_sam_sample_tests::{device, hand_driven_step, params, random_batch, random_mlp, train_steps, Mlp};
 
 const LR: f64 = 0.05;
 
@@ -52,16 +52,7 @@ fn by_hand(config: &SamConfig, mut base: ModuleOptimizer, mut model: Mlp, steps:
     let mut decisions = Vec::new();
     for step in 0..steps {
         let (x, y) = random_batch(&device, 500 + step);
-        let loss = model.loss(&x, &y);
-        let grads = GradientsParams::from_grads(loss.backward(), &model);
-        let (direction, telemetry) = match engine.first_pass(&model, grads, &loss) {
-            Pass::Sam(pass) => {
-                let perturbed = pass.perturbed(&model);
-                let second = GradientsParams::from_grads(perturbed.loss(&x, &y).backward(), &perturbed);
-                pass.finish(&model, second)
-            }
-            Pass::Cheap(pass) => pass.finish(&model),
-        };
+        let (direction, telemetry) = hand_driven_step(&mut engine, &model, &x, &y);
         decisions.push(telemetry.sam);
         model = base.step(LR, model, direction);
     }

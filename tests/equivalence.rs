@@ -6,8 +6,8 @@ use burn::optim::{decay::WeightDecayConfig, momentum::MomentumConfig, GradientsP
 use burn::prelude::*;
 use burn_sam_sample::policy::GatePolicy;
 use burn_sam_sample::reuse::ReusePolicy;
-use burn_sam_sample::{Pass, SamConfig, SamEngine};
-use burn_sam_sample_tests::{device, params, random_batch, random_mlp, values, Mlp};
+use burn_sam_sample::{SamConfig, SamEngine};
+use burn_sam_sample_tests::{device, hand_driven_step, params, random_batch, random_mlp, values, Mlp};
 
 const LR: f64 = 0.05;
 
@@ -122,16 +122,7 @@ fn directions(config: SamConfig, steps: usize) -> (Vec<Vec<f64>>, Vec<f64>) {
     let mut engine = SamEngine::new(&config).unwrap();
     let mut out = Vec::new();
     for _ in 0..steps {
-        let loss = model.loss(&x, &y);
-        let grads = GradientsParams::from_grads(loss.backward(), &model);
-        let (direction, _) = match engine.first_pass(&model, grads, &loss) {
-            Pass::Sam(pass) => {
-                let perturbed = pass.perturbed(&model);
-                let second = GradientsParams::from_grads(perturbed.loss(&x, &y).backward(), &perturbed);
-                pass.finish(&model, second)
-            }
-            Pass::Cheap(pass) => pass.finish(&model),
-        };
+        let (direction, _) = hand_driven_step(&mut engine, &model, &x, &y);
         out.push(values(direction.get::<2>(id).unwrap()));
     }
     (out, plain)

@@ -181,3 +181,25 @@ pub fn train_steps(
     }
     model
 }
+
+/// One step of `engine` driven by hand on `model` and the batch (x, y): the first pass, then the
+/// second pass on the perturbed copy when the gate asks for it. Returns the direction for the
+/// base optimizer and the step's telemetry.
+pub fn hand_driven_step(
+    engine: &mut burn_sam_sample::SamEngine,
+    model: &Mlp,
+    x: &Tensor<2>,
+    y: &Tensor<2>,
+) -> (burn::optim::GradientsParams, burn_sam_sample::StepTelemetry) {
+    use burn::optim::GradientsParams;
+    let loss = model.loss(x, y);
+    let grads = GradientsParams::from_grads(loss.backward(), model);
+    match engine.first_pass(model, grads, &loss) {
+        burn_sam_sample::Pass::Sam(pass) => {
+            let perturbed = pass.perturbed(model);
+            let second = GradientsParams::from_grads(perturbed.loss(x, y).backward(), &perturbed);
+            pass.finish(model, second)
+        }
+        burn_sam_sample::Pass::Cheap(pass) => pass.finish(model),
+    }
+}
