@@ -38,10 +38,11 @@ struct Args {
     /// Evaluate on the first N test images only.
     #[arg(long, value_parser = parse::positive_usize)]
     test_subset: Option<usize>,
-    /// Where to save the model and optimizer state after each epoch; one run at a time (a second
-    /// one is refused).
-    #[arg(long, default_value = "target/custom-loop")]
-    artifact_dir: PathBuf,
+    /// Where to save the model and optimizer state after each epoch (default:
+    /// target/custom-loop/<method>); one run at a time (a second one is refused), and a fresh run
+    /// refuses another run's checkpoints unless given --overwrite.
+    #[arg(long)]
+    artifact_dir: Option<PathBuf>,
     #[command(flatten)]
     resume: ResumeArgs,
 }
@@ -66,6 +67,7 @@ fn train(Args { train: args, test_subset, artifact_dir, resume }: Args) -> Resul
     let train = subset(&data.train, args.train_subset);
     let (steps_per_epoch, total_steps) = args.steps(train.len())?;
     let warmup = args.warmup(total_steps);
+    let artifact_dir = args.artifact_dir(artifact_dir, "custom-loop");
     if artifact_dir.exists() && !artifact_dir.is_dir() {
         return Err(format!("--artifact-dir {} exists and is not a folder", artifact_dir.display()).into());
     }

@@ -58,9 +58,11 @@ struct Args {
     /// a resumed run continues exactly.
     #[arg(long, default_value_t = 1, value_parser = parse::positive_usize)]
     workers: usize,
-    /// Where metric logs and checkpoints go; one run at a time (a second one is refused).
-    #[arg(long, default_value = "target/fashion-mnist")]
-    artifact_dir: PathBuf,
+    /// Where metric logs and checkpoints go (default: target/fashion-mnist/<method>); one run at
+    /// a time (a second one is refused), and a fresh run refuses another run's checkpoints unless
+    /// given --overwrite.
+    #[arg(long)]
+    artifact_dir: Option<PathBuf>,
     #[command(flatten)]
     resume: ResumeArgs,
     /// Exit with an error when the test accuracy is not above this fraction.
@@ -120,8 +122,9 @@ fn train(options: Args) -> Result<(), Box<dyn std::error::Error>> {
     let args = &options.train;
     let device = backend::select(args.backend.as_deref())?;
 
-    if options.artifact_dir.exists() && !options.artifact_dir.is_dir() {
-        return Err(format!("--artifact-dir {} exists and is not a folder", options.artifact_dir.display()).into());
+    let artifact_dir = args.artifact_dir(options.artifact_dir.clone(), "fashion-mnist");
+    if artifact_dir.exists() && !artifact_dir.is_dir() {
+        return Err(format!("--artifact-dir {} exists and is not a folder", artifact_dir.display()).into());
     }
     let data = FashionMnist::load(args.data_dir.as_deref(), Fetch::from_flag(args.offline))?;
     let train = subset(&data.train, args.train_subset);
@@ -147,7 +150,7 @@ fn train(options: Args) -> Result<(), Box<dyn std::error::Error>> {
         .with("--augment", options.augment)
         .with("--weight-decay", 5e-4)
         .with("--momentum", 0.9);
-    let checkpoints = options.resume.sets(checkpoint_set(&options.artifact_dir), run).writer()?;
+    let checkpoints = options.resume.sets(checkpoint_set(&artifact_dir), run).writer()?;
     let resume = match options.resume.resume {
         Some(resume) => {
             let epoch = resume.epoch(&checkpoints)?;
@@ -181,7 +184,7 @@ fn train(options: Args) -> Result<(), Box<dyn std::error::Error>> {
         .init();
     let schedule = CosineAnnealingLrSchedulerConfig::new(args.lr, total_steps.max(1)).init()?;
 
-    let mut training = SupervisedTraining::new(&options.artifact_dir, train_loader, test_loader.clone())
+    let mut training = SupervisedTraining::new(&artifact_dir, train_loader, test_loader.clone())
         .num_epochs(args.epochs)
         .metrics((AccuracyMetric::new(), LossMetric::new()))
         .metric_train_numeric(SamFractionMetric::new())

@@ -199,8 +199,7 @@ impl CheckpointSet {
     /// The error names the first file or option that fails and why.
     pub fn verify(&self, epoch: usize) -> Result<()> {
         let manifest = self.manifest(epoch)?;
-        let allowed: Vec<&str> = self.allowed_changes.iter().map(String::as_str).collect();
-        let differences = self.run.differences(&manifest.run, &allowed);
+        let differences = self.differences(&manifest);
         if !differences.is_empty() {
             return Err(
                 self.error(epoch, format!("it was written by a run with other options: {}", differences.join("; ")))
@@ -318,10 +317,7 @@ impl CheckpointSet {
             match self.verify(epoch) {
                 Ok(()) => return Ok(Some(epoch)),
                 Err(err) => {
-                    let foreign = self.manifest(epoch).is_ok_and(|manifest| {
-                        let allowed: Vec<&str> = self.allowed_changes.iter().map(String::as_str).collect();
-                        !self.run.differences(&manifest.run, &allowed).is_empty()
-                    });
+                    let foreign = self.manifest(epoch).is_ok_and(|manifest| !self.differences(&manifest).is_empty());
                     if foreign {
                         other_run.get_or_insert(err);
                     } else {
@@ -334,6 +330,13 @@ impl CheckpointSet {
             Some(err) => Err(SamError::Checkpoint(format!("no checkpoint of this run; the newest one: {err}"))),
             None => Ok(None),
         }
+    }
+
+    /// The options in which the run that sealed `manifest` differs from this one, but for the
+    /// allowed changes.
+    fn differences(&self, manifest: &Manifest) -> Vec<String> {
+        let allowed: Vec<&str> = self.allowed_changes.iter().map(String::as_str).collect();
+        self.run.differences(&manifest.run, &allowed)
     }
 
     fn error(&self, epoch: usize, reason: impl std::fmt::Display) -> SamError {
@@ -371,7 +374,7 @@ impl CheckpointWriter {
                 continue;
             }
             if let Ok(manifest) = self.manifest(epoch) {
-                let differences = self.run.differences(&manifest.run, &[]);
+                let differences = self.differences(&manifest);
                 if !differences.is_empty() {
                     return Err(self.error(
                         epoch,

@@ -79,6 +79,12 @@ impl TrainArgs {
             .with("--backend", backend)
     }
 
+    /// The artifact folder: `given`, or `target/<program>/<method>`, so that the runs of
+    /// different methods keep their checkpoints apart.
+    pub fn artifact_dir(&self, given: Option<PathBuf>, program: &str) -> PathBuf {
+        given.unwrap_or_else(|| PathBuf::from("target").join(program).join(self.method.name()))
+    }
+
     /// vSAM's warm-up for a run of `total_steps` steps.
     pub fn warmup(&self, total_steps: usize) -> usize {
         self.warmup_steps.unwrap_or_else(|| scaled_warmup(total_steps))

@@ -20,7 +20,8 @@ pub fn end_quietly_on_closed_output() {
 }
 
 /// A digest of every float parameter's values (in the module's visiting order, not their ids):
-/// equal digests mean equal weights, bit for bit.
+/// equal digests mean equal weights, bit for bit. Compare digests printed by one build: the
+/// hasher (`DefaultHasher`) is fixed within a Rust release, not across releases.
 pub fn weights_digest<M: Module>(module: &M) -> String {
     struct Digest(std::collections::hash_map::DefaultHasher, usize);
     impl ModuleVisitor for Digest {

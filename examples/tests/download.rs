@@ -88,8 +88,8 @@ fn answer(mut stream: TcpStream, answers: &HashMap<String, Answer>) {
             let _ = stream.write_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
         }
         Answer::Silent => std::thread::sleep(Duration::from_secs(30)),
-        Answer::Endless | Answer::Trickle => {
-            let slow = matches!(answers.get(&file), Some(Answer::Trickle));
+        endless @ (Answer::Endless | Answer::Trickle) => {
+            let slow = matches!(endless, Answer::Trickle);
             let _ = stream.write_all(b"HTTP/1.1 200 OK\r\nContent-Type: application/gzip\r\nConnection: close\r\n\r\n");
             let chunk = vec![0x55u8; if slow { 1 } else { 64 * 1024 }];
             let started = Instant::now();

@@ -179,6 +179,8 @@ fn model_parameters(path: &Path) -> Result<Option<Parameters>, String> {
 struct SetTracker {
     writer: CheckpointWriter,
     written: Mutex<HashMap<usize, Vec<&'static str>>>,
+    /// Epochs already retired: the three members each ask, the first one does it.
+    retired: Mutex<HashSet<usize>>,
 }
 
 impl SetTracker {
@@ -205,6 +207,9 @@ impl SetTracker {
     /// removes its files then), so that a kill at any moment leaves a sealed set.
     fn deleting(&self, epoch: usize) -> Result<(), CheckpointerError> {
         self.written.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).remove(&epoch);
+        if !self.retired.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).insert(epoch) {
+            return Ok(());
+        }
         self.writer.retire(epoch).map_err(unknown)
     }
 }
@@ -223,8 +228,8 @@ impl<R: Checkpoint, C: Checkpointer<R>> Checkpointer<R> for SetMember<C> {
     }
 
     fn delete(&self, epoch: usize) -> Result<(), CheckpointerError> {
-        // The three members ask in turn; the writer deletes the whole set, after a newer one
-        // is sealed.
+        // The three members ask in turn; the first asks the writer, which deletes the whole set
+        // after a newer one is sealed.
         self.tracker.deleting(epoch)
     }
 
@@ -267,7 +272,8 @@ impl<M: LearnerModel> SamTrainingExt for SupervisedTraining<M> {
     {
         handle.stop_with(self.interrupter());
         let folder = writer.directory().to_path_buf();
-        let tracker = Arc::new(SetTracker { writer: writer.clone(), written: Mutex::default() });
+        let tracker =
+            Arc::new(SetTracker { writer: writer.clone(), written: Mutex::default(), retired: Mutex::default() });
         let member = |name: &'static str| SetMember {
             inner: FileCheckpointer::new(&folder, name),
             name,
