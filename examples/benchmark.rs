@@ -24,9 +24,9 @@ use burn::nn::loss::CrossEntropyLossConfig;
 use burn::optim::{decay::WeightDecayConfig, momentum::MomentumConfig, SgdConfig};
 use burn::prelude::*;
 use burn_sam_sample::policy::{GatePolicy, Rule};
-use burn_sam_sample::reuse::ReusePolicy;
+use burn_sam_sample::reuse::{CachePrecision, ReusePolicy};
 use burn_sam_sample::{backend, SamConfig, SamOptimizer};
-use burn_sam_sample_examples::cli::parse;
+use burn_sam_sample_examples::cli::{parse, Precision};
 use burn_sam_sample_examples::evaluate;
 use burn_sam_sample_examples::fashion::{subset, FashionBatch, FashionBatcher, FashionItem, FashionMnist, Fetch};
 use burn_sam_sample_examples::methods::{cosine_lr, scaled_warmup};
@@ -103,6 +103,14 @@ struct Args {
     /// Backend: ndarray, flex, wgpu or cuda.
     #[arg(long)]
     backend: Option<String>,
+    /// Float dtype of the model, its activations and gradients (the device's default float,
+    /// configured before any tensor exists); bf16 and f16 need a backend that computes in them
+    /// (flex, or a GPU that does).
+    #[arg(long, value_enum, default_value = "f32")]
+    precision: Precision,
+    /// Storage of the SAM methods' reuse cache: `params` (the parameters' dtype), `f32` or `bf16`.
+    #[arg(long, default_value = "params", value_parser = parse::cache_precision)]
+    cache_precision: CachePrecision,
     /// The markdown report; plots, raw results and the summary go next to it in `<stem>/`.
     #[arg(long, default_value = "docs/benchmarks.md")]
     out: PathBuf,
@@ -181,7 +189,7 @@ impl Variant {
             Recipe::Rst => SamConfig::rst(args.budget),
         };
         let rho = if matches!(self.recipe, Recipe::Asam) { args.asam_rho } else { args.rho };
-        config.with_rho(rho).with_seed(seed)
+        config.with_rho(rho).with_seed(seed).with_cache_precision(args.cache_precision)
     }
 
     /// Whether the run records a per-window trace of its gate.
@@ -765,7 +773,13 @@ fn header(args: &Args, train_len: usize, test_len: usize, minutes: f64, device: 
         "- command: `cargo run --release -p burn-sam-sample-examples --example benchmark -- {}`",
         command.join(" ")
     );
-    let _ = writeln!(out, "- machine: {}; backend {device:?}", args.machine);
+    let _ = writeln!(
+        out,
+        "- machine: {}; backend {device:?}; precision {} (reuse cache: {})",
+        args.machine,
+        args.precision.name(),
+        args.cache_precision
+    );
     let _ = writeln!(
         out,
         "- data: Fashion-MNIST, the first {train_len} training / {test_len} test images; {}; label noise per setting (flipped labels drawn per seed, uniformly among the other classes)",
@@ -848,7 +862,8 @@ fn run_benchmark(mut args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let stem = args.out.with_extension("");
     std::fs::create_dir_all(&stem)
         .map_err(|e| format!("--out {}: cannot create {}: {e}", args.out.display(), stem.display()))?;
-    let device = backend::select(args.backend.as_deref())?;
+    let mut device = backend::select(args.backend.as_deref())?;
+    args.precision.configure(&mut device)?;
     let data = FashionMnist::load(args.data_dir.as_deref(), Fetch::from_flag(args.offline))?;
     let clean_train = subset(&data.train, args.train_subset);
     let test_set = subset(&data.test, args.test_subset);

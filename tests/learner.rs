@@ -27,7 +27,7 @@ use burn_sam_sample::learner::{
 };
 use burn_sam_sample::policy::{GatePolicy, VariationConfig};
 use burn_sam_sample::SamConfig;
-use burn_sam_sample_tests::{device, normal, params};
+use burn_sam_sample_tests::{cast_module, device, half_device, normal, params};
 
 const BATCH: usize = 16;
 const TRAIN_ITEMS: usize = 96; // 6 steps per epoch
@@ -108,7 +108,9 @@ impl Net {
     }
 
     fn classify(&self, batch: Batch) -> ClassificationOutput {
-        let logits = self.l2.forward(relu(self.l1.forward(batch.x)));
+        // In the model's dtype (a no-op for f32; the half-precision test casts the model).
+        let x = batch.x.cast(self.l1.weight.val().dtype());
+        let logits = self.l2.forward(relu(self.l1.forward(x)));
         let loss = CrossEntropyLossConfig::new().init(&logits.device()).forward(logits.clone(), batch.y.clone());
         ClassificationOutput::new(loss, logits, batch.y)
     }
@@ -513,4 +515,42 @@ fn a_resume_with_nothing_left_to_train_is_an_error_naming_both_numbers() {
     let err = verify_checkpoint(&checkpoint_set(dir.path()), 2, 1, &vsam()).unwrap_err().to_string();
     assert!(err.contains("plans 1 epoch(s)") && err.contains("after epoch 2"), "{err}");
     verify_checkpoint(&checkpoint_set(dir.path()), 2, 3, &vsam()).unwrap();
+}
+
+/// Share of `items` the model classifies right.
+fn accuracy(model: &Net, items: &[Item], device: &Device) -> f64 {
+    let batch = ItemBatcher.batch(items.to_vec(), device);
+    let predicted = model.classify(batch.clone()).output.argmax(1).flatten::<1>(0, 1);
+    let right = predicted.equal(batch.y).int().sum().into_scalar::<i64>();
+    right as f64 / items.len() as f64
+}
+
+#[test]
+fn a_bf16_model_learns_the_task_in_the_learner() {
+    let Some(device) = half_device(burn::tensor::DType::BF16) else {
+        eprintln!("no device computes in bf16 in this build (flex is not compiled in)");
+        return;
+    };
+    let valid = items(96, 2);
+    let mut accuracies = Vec::new();
+    for dtype in [burn::tensor::DType::F32, burn::tensor::DType::BF16] {
+        let dir = tempfile::tempdir().unwrap();
+        let model = cast_module(Net::new(&device, &vsam()), dtype);
+        let before = accuracy(&model, &valid, &device);
+        let handle = model.sam.clone();
+        let strategy = ExecutionStrategy::SingleDevice(device.clone());
+        let result =
+            training(dir.path(), 4).with_training_strategy(strategy.into()).launch(Learner::new(model, base(), LR));
+        assert!(result.error.is_none(), "{dtype:?}: {:?}", result.error);
+        let model = result.model;
+        assert_eq!(model.l1.weight.val().dtype(), dtype, "the parameters stay {dtype:?}");
+        let telemetry = handle.telemetry();
+        assert!(telemetry.sam_steps > 0 && telemetry.sam_steps < telemetry.step, "{dtype:?}: {telemetry:?}");
+        let after = accuracy(&model, &valid, &device);
+        accuracies.push((dtype, before, after));
+    }
+    eprintln!("accuracy before and after: {accuracies:?}");
+    let [(_, _, f32_after), (_, bf16_before, bf16_after)] = accuracies[..] else { unreachable!() };
+    assert!(bf16_after >= 0.9 && bf16_after > bf16_before + 0.2, "{accuracies:?}");
+    assert!((bf16_after - f32_after).abs() <= 0.05, "bf16 learns as f32 does: {accuracies:?}");
 }

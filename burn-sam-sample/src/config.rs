@@ -6,7 +6,7 @@ use burn::optim::ModuleOptimizer;
 use crate::error::{Result, SamError};
 use crate::optimizer::SamOptimizer;
 use crate::policy::{AeSamConfig, GatePolicy, TrendConfig, VariationConfig};
-use crate::reuse::ReusePolicy;
+use crate::reuse::{CachePrecision, ReusePolicy};
 
 /// Configuration of a sharpness-aware optimizer: the SAM radius, the gate that decides which
 /// steps run the second pass, and what cheap steps reuse.
@@ -41,6 +41,11 @@ pub struct SamConfig {
     /// What cheap steps add to their gradient (default: vSAM's decayed PSF).
     #[config(default = "ReusePolicy::default()")]
     pub reuse: ReusePolicy,
+    /// The precision in which the reuse cache is stored between SAM steps (default:
+    /// [`CachePrecision::Parameters`], the parameters' own dtype: f32 on an f32 model, half the
+    /// memory on a bf16 or f16 one). Reductions and the cheap step's sum run in f32 whatever it is.
+    #[config(default = "CachePrecision::Parameters")]
+    pub cache_precision: CachePrecision,
     /// Number N of trailing parameter tensors (module order, counting only tensors with a
     /// gradient) over which ‖PSF‖ and ‖PSF‖/‖g‖ are measured; ≥ 1 (default: 10).
     #[config(default = 10)]
@@ -137,6 +142,7 @@ mod tests {
         assert_eq!(config.eps, 1e-12);
         assert!(!config.adaptive);
         assert_eq!(config.stats_last_n, 10);
+        assert_eq!(config.cache_precision, CachePrecision::Parameters);
         assert_eq!(config.reuse, ReusePolicy::DecayedPsf { beta: 0.7, max_reuse: 6 });
         let GatePolicy::Variation(variation) = &config.policy else { panic!("default policy is {:?}", config.policy) };
         assert_eq!((variation.window, variation.blocks), (50, 5));

@@ -103,13 +103,18 @@ pub(crate) fn take(tensors: &mut Tensors, name: &str, dtype: DType) -> Result<Op
 
 /// `tensor` as data of `dtype` and rank 1; anything else is a corrupt record.
 pub(crate) fn unpack(name: &str, tensor: burn_pack::Tensor, dtype: DType) -> Result<TensorData> {
+    unpack_one_of(name, tensor, &[dtype])
+}
+
+/// `tensor` as data of one of the `allowed` dtypes and rank 1; anything else is a corrupt record.
+pub(crate) fn unpack_one_of(name: &str, tensor: burn_pack::Tensor, allowed: &[DType]) -> Result<TensorData> {
     let (_, found, shape, _, bytes) =
         tensor.into_parts().map_err(|e| SamError::CorruptRecord(format!("tensor `{name}`: {e}")))?;
-    if found != dtype || shape.num_dims() != 1 {
+    if !allowed.contains(&found) || shape.num_dims() != 1 {
         return Err(SamError::CorruptRecord(format!(
-            "tensor `{name}` must be a rank-1 {dtype:?} tensor, found {found:?} with shape {shape}"
+            "tensor `{name}` must be a rank-1 tensor of {allowed:?}, found {found:?} with shape {shape}"
         )));
     }
-    TensorData::try_from_bytes(bytes, shape, dtype)
+    TensorData::try_from_bytes(bytes, shape, found)
         .map_err(|e| SamError::CorruptRecord(format!("tensor `{name}`: {e:?}")))
 }

@@ -107,11 +107,19 @@ impl SamOptimizer {
 
     /// Restores a snapshot for training `module`; on error (the message names the first
     /// mismatch) the optimizer is left unchanged.
+    ///
+    /// Burn 0.22 restores a base optimizer's state tensors in the default float dtype of the
+    /// default device, whatever dtype they were saved in; a half-precision state restored as f32
+    /// would meet half-precision gradients at the next step. Such a record is refused here (the
+    /// error says what to configure; see `docs/precision.md`).
     pub fn load_record<M: Module>(&mut self, record: SamOptimizerRecord, module: &M) -> Result<()> {
         let mut engine = self.engine.clone();
         engine.load_record(record.engine, module)?;
+        let bytes = record.base.into_bytes()?;
+        check_base_dtypes(&bytes)?;
+        let base = burn::optim::OptimizerRecord::from_bytes(bytes)?;
         self.engine = engine;
-        self.base = self.base.clone().load_record(record.base);
+        self.base = self.base.clone().load_record(base);
         Ok(())
     }
 }
@@ -164,6 +172,25 @@ impl Sealed for SamOptimizerRecord {
         let base = burn::optim::OptimizerRecord::from_bytes(bytes)?;
         let engine = EngineRecord::from_parts(tensors, state)?;
         Ok(Self { base, engine })
+    }
+}
+
+/// Refuses a base optimizer record whose state tensors Burn would restore in another dtype than
+/// they were saved in (it restores them in the default float dtype of the default device).
+pub(crate) fn check_base_dtypes(bytes: &Bytes) -> Result<()> {
+    let restored = DType::from(burn::tensor::Device::default().settings().float_dtype);
+    let reader = Reader::from_bytes(bytes.clone())
+        .map_err(|e| SamError::CorruptRecord(format!("base optimizer record: {e}")))?;
+    let tensors = reader.into_tensors().map_err(|e| SamError::CorruptRecord(format!("base optimizer record: {e}")))?;
+    match tensors.iter().find(|t| t.dtype.is_float() && t.dtype != restored) {
+        Some(tensor) => Err(SamError::RecordMismatch(format!(
+            "the base optimizer's state `{}` is {:?}, and Burn 0.22 restores optimizer states in the default \
+             device's float dtype, {restored:?}: the resumed run would mix dtypes. Configure the default \
+             device's float dtype to the model's before any tensor exists (`Device::configure`, see \
+             docs/precision.md)",
+            tensor.name, tensor.dtype
+        ))),
+        None => Ok(()),
     }
 }
 

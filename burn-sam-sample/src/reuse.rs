@@ -1,8 +1,10 @@
 //! What a cheap step (no second pass) adds to its plain gradient `g`.
 //!
-//! The rule is chosen here on the host; the tensor engine applies it on the device.
+//! The rule is chosen here on the host; the tensor engine applies it on the device. Where the
+//! cache is kept, and in which precision, is [`CachePrecision`].
 
 use burn::config::Config;
+use burn::tensor::{DType, Device};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Result, SamError};
@@ -82,6 +84,81 @@ impl ReusePolicy {
     }
 }
 
+/// The precision in which the reuse cache (vSAM's PSF, LookSAM's orthogonal part) is stored
+/// between SAM steps.
+///
+/// The cache is always formed and read in f32 (the PSF is the f32 difference of two gradients;
+/// a cheap step adds it to `g` in f32 and rounds the sum once, to the parameter's dtype); this
+/// choice only sets how it is stored, i.e. its memory and one rounding of it.
+///
+/// | choice | f32 model | bf16 / f16 model |
+/// |---|---|---|
+/// | [`Parameters`](Self::Parameters) (default) | f32, 4 bytes per value | the parameter's dtype, 2 bytes |
+/// | [`F32`](Self::F32) | f32 | f32: twice the model's memory |
+/// | [`Bf16`](Self::Bf16) | bf16: half the cache memory | bf16 |
+///
+/// Storing in f16 saturates at ±65504 (a finite PSF never becomes infinite in the cache). A
+/// device that cannot compute in bf16 (`Device::supports_dtype` false, e.g. ndarray) keeps a
+/// [`Bf16`](Self::Bf16) cache in f32, and says so once in the log. See `docs/precision.md`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CachePrecision {
+    /// The dtype of each parameter: f32 on an f32 model (the cache exactly as vSAM's authors
+    /// keep it), bf16 or f16 on a half-precision one.
+    #[default]
+    Parameters,
+    /// f32 whatever the parameters' dtype.
+    F32,
+    /// bf16 whatever the parameters' dtype (f32 where the device has no bf16).
+    Bf16,
+}
+
+impl CachePrecision {
+    /// Every choice, in the order of [`name`](Self::name)'s table.
+    pub const ALL: [Self; 3] = [Self::Parameters, Self::F32, Self::Bf16];
+
+    /// The name used by programs and logs: `params`, `f32` or `bf16`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Parameters => "params",
+            Self::F32 => "f32",
+            Self::Bf16 => "bf16",
+        }
+    }
+
+    /// Parses a [`name`](Self::name); the error lists the choices.
+    pub fn from_name(name: &str) -> Result<Self> {
+        Self::ALL
+            .into_iter()
+            .find(|choice| choice.name() == name)
+            .ok_or_else(|| SamError::invalid("cache_precision", name, "must be one of `params`, `f32`, `bf16`"))
+    }
+
+    /// The dtype in which the cache of a parameter of `param_dtype` living on `device` is stored.
+    pub fn storage_dtype(&self, param_dtype: DType, device: &Device) -> DType {
+        match self {
+            Self::Parameters if param_dtype.is_float() => param_dtype,
+            Self::Parameters | Self::F32 => DType::F32,
+            Self::Bf16 if device.supports_dtype(DType::BF16) => DType::BF16,
+            Self::Bf16 => {
+                static WARNED: std::sync::Once = std::sync::Once::new();
+                WARNED.call_once(|| {
+                    log::warn!(
+                        "the device {device:?} has no bf16 arithmetic; the reuse cache \
+                         (`cache_precision` = bf16) is kept in f32"
+                    );
+                });
+                DType::F32
+            }
+        }
+    }
+}
+
+impl std::fmt::Display for CachePrecision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 /// What one cheap step adds to `g`.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 pub(crate) enum CheapTerm {
@@ -105,6 +182,25 @@ mod tests {
         }
         assert_eq!(reuse.cheap_term(7), CheapTerm::Plain);
         assert_eq!(reuse.cheap_term(100), CheapTerm::Plain);
+    }
+
+    #[test]
+    fn cache_precision_names_round_trip_and_resolve_per_device() {
+        for choice in CachePrecision::ALL {
+            assert_eq!(CachePrecision::from_name(choice.name()).unwrap(), choice);
+        }
+        let err = CachePrecision::from_name("fp16").unwrap_err().to_string();
+        assert!(err.contains("fp16") && err.contains("`params`"), "{err}");
+        let flex = Device::flex();
+        #[allow(deprecated)]
+        let ndarray = Device::ndarray();
+        assert_eq!(CachePrecision::Parameters.storage_dtype(DType::BF16, &flex), DType::BF16);
+        assert_eq!(CachePrecision::Parameters.storage_dtype(DType::F16, &flex), DType::F16);
+        assert_eq!(CachePrecision::Parameters.storage_dtype(DType::F32, &flex), DType::F32);
+        assert_eq!(CachePrecision::F32.storage_dtype(DType::BF16, &flex), DType::F32);
+        assert_eq!(CachePrecision::Bf16.storage_dtype(DType::F32, &flex), DType::BF16);
+        // ndarray has no half precision: the documented fallback.
+        assert_eq!(CachePrecision::Bf16.storage_dtype(DType::F32, &ndarray), DType::F32);
     }
 
     #[test]

@@ -36,6 +36,11 @@ pub struct StepTelemetry {
     /// Steps with a non-finite loss or gradient known so far (cheap steps are counted on the
     /// device and become known at the next SAM step or [`sync_telemetry`](crate::SamEngine::sync_telemetry)).
     pub non_finite_steps: u64,
+    /// Bytes the reuse cache occupies now (its tensors in their storage dtype, see
+    /// [`CachePrecision`](crate::reuse::CachePrecision)); 0 before the first SAM step and for
+    /// rules that cache nothing.
+    #[serde(default)]
+    pub cache_bytes: u64,
 }
 
 impl StepTelemetry {

@@ -156,6 +156,44 @@ impl Resume {
     }
 }
 
+/// The float dtype of the model's parameters, activations and gradients.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Precision {
+    /// 32-bit floats (the default).
+    F32,
+    /// bfloat16: f32's range, 8 significant bits.
+    Bf16,
+    /// IEEE half: 11 significant bits, largest value 65504.
+    F16,
+}
+
+impl Precision {
+    /// The name on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::F32 => "f32",
+            Self::Bf16 => "bf16",
+            Self::F16 => "f16",
+        }
+    }
+
+    /// Makes this the default float dtype of `device`; must run before any tensor exists on it.
+    /// The error names the device and the dtype (a device without arithmetic in it, or one
+    /// already in use).
+    pub fn configure(self, device: &mut burn::tensor::Device) -> Result<(), String> {
+        use burn::tensor::FloatDType;
+        let dtype = match self {
+            Self::F32 => return Ok(()),
+            Self::Bf16 => FloatDType::BF16,
+            Self::F16 => FloatDType::F16,
+        };
+        if !device.supports_dtype(dtype) {
+            return Err(format!("--precision {}: the device {device:?} cannot compute in {dtype:?}", self.name()));
+        }
+        device.configure(dtype).map_err(|e| format!("--precision {}: {device:?}: {e}", self.name()))
+    }
+}
+
 /// clap value parsers that check a number where it is parsed, so that a bad value is a usage
 /// error (exit 2) whose message names the flag and the value.
 pub mod parse {
@@ -204,6 +242,13 @@ pub mod parse {
             x if x > 0.0 && x <= 1.0 => Ok(x),
             x => Err(format!("{x} must be in (0, 1]")),
         }
+    }
+
+    /// A reuse-cache precision: `params`, `f32` or `bf16`.
+    pub fn cache_precision(text: &str) -> Result<burn_sam_sample::reuse::CachePrecision, String> {
+        burn_sam_sample::reuse::CachePrecision::from_name(text.trim()).map_err(|_| {
+            format!("`{text}` is not a cache precision: use `params` (the parameters' dtype), `f32` or `bf16`")
+        })
     }
 
     /// A label-noise fraction in [0, 1).

@@ -30,6 +30,35 @@ pub fn device() -> Device {
     burn_sam_sample::backend::select(Some(&backend_name())).expect("the test backend is compiled in").autodiff()
 }
 
+/// A device of the test backend on which `dtype` computes (storage, conversion and arithmetic),
+/// else flex when it is compiled in, else `None` (with autodiff).
+pub fn half_device(dtype: burn::tensor::DType) -> Option<Device> {
+    let device = device();
+    if device.supports_dtype(dtype) {
+        return Some(device);
+    }
+    burn_sam_sample::backend::select(Some("flex")).ok().map(Device::autodiff).filter(|flex| flex.supports_dtype(dtype))
+}
+
+struct Cast(burn::tensor::DType);
+
+impl burn::module::ModuleMapper for Cast {
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+        let (id, tensor, mapper) = param.consume();
+        let require_grad = tensor.is_require_grad();
+        let mut cast = Tensor::from_inner(tensor.inner().cast(self.0));
+        if require_grad {
+            cast = cast.require_grad();
+        }
+        Param::from_mapped_value(id, cast, mapper)
+    }
+}
+
+/// `module` with every float parameter cast to `dtype` (ids and require-grad settings kept).
+pub fn cast_module<M: Module>(module: M, dtype: burn::tensor::DType) -> M {
+    module.map(&mut Cast(dtype))
+}
+
 /// Linear 3→4, tanh, Linear 4→2: the reference model of `reference/sam_reference.py`.
 #[derive(Module, Debug)]
 pub struct Mlp {

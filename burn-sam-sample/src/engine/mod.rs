@@ -268,7 +268,7 @@ impl SamEngine {
         let round = self.round.as_mut().unwrap_or(&mut detached);
         if readback.second_ok() {
             round.add_sam(readback.stats(), readback.grad_sq, outcome.cache_tensors(&self.config.reuse), || {
-                (outcome.order(), outcome.device.clone())
+                (outcome.layout(self.config.cache_precision), outcome.device.clone())
             });
             self.state.last_stats = Some(readback.stats());
             self.state.last_skipped = false;
@@ -297,8 +297,8 @@ impl SamEngine {
         };
         self.state.rounds = self.state.rounds.saturating_add(1);
         let closed = round.close();
-        if let Some((tensors, order, device)) = closed.cache {
-            self.cache = Arc::new(ReuseCache::new(tensors, &self.config.reuse, &order, &device));
+        if let Some((tensors, layout, device)) = closed.cache {
+            self.cache = Arc::new(ReuseCache::new(tensors, &self.config.reuse, &layout, &device));
             self.state.since_cache = 0;
         } else if !closed.sam {
             self.state.since_cache = self.state.since_cache.saturating_add(1);
@@ -353,6 +353,7 @@ impl SamEngine {
             psf_norm: state.last_stats.map(|s| s.psf_norm),
             psf_ratio: state.last_stats.map(|s| s.ratio),
             non_finite_steps: state.non_finite_steps,
+            cache_bytes: self.cache.bytes(),
         }
     }
 }

@@ -13,7 +13,10 @@ use crate::config::SamConfig;
 use crate::container::{self, Sealed, Tensors};
 use crate::error::{Result, SamError};
 use crate::policy::Gate;
-use crate::reuse::ReusePolicy;
+use crate::reuse::{CachePrecision, ReusePolicy};
+
+/// The dtypes a cached tensor can be stored in.
+const CACHE_DTYPES: [DType; 3] = [DType::F32, DType::BF16, DType::F16];
 
 const CACHE_PREFIX: &str = "burn-sam-sample.cache.";
 const CACHE_NORM: &str = "burn-sam-sample.cache-norm";
@@ -48,7 +51,8 @@ impl EngineRecord {
         self.cache.len()
     }
 
-    /// The cached tensors (flattened, f32) by parameter id.
+    /// The cached tensors (flattened, in their storage dtype: see
+    /// [`CachePrecision`](crate::reuse::CachePrecision)) by parameter id.
     pub fn cache(&self) -> &[(u64, TensorData)] {
         &self.cache
     }
@@ -127,6 +131,22 @@ impl EngineRecord {
                 "{} cached tensors for reuse rule `none`, which caches nothing",
                 self.cache.len()
             )));
+        }
+        for (id, data) in &self.cache {
+            let fits = match config.cache_precision {
+                CachePrecision::Parameters => true,
+                CachePrecision::F32 => data.dtype() == DType::F32,
+                // f32 where the device has no bf16.
+                CachePrecision::Bf16 => matches!(data.dtype(), DType::BF16 | DType::F32),
+            };
+            if !fits {
+                return Err(SamError::RecordMismatch(format!(
+                    "the cached tensor for parameter {id} is stored as {:?}; this run keeps its cache as \
+                     `{}` (`cache_precision`)",
+                    data.dtype(),
+                    config.cache_precision
+                )));
+            }
         }
         let mut square_sum = 0.0f64;
         for (id, data) in &self.cache {
@@ -225,24 +245,24 @@ impl Sealed for EngineRecord {
             let id = name[CACHE_PREFIX.len()..]
                 .parse::<u64>()
                 .map_err(|_| SamError::CorruptRecord(format!("cache tensor `{name}` has no valid parameter id")))?;
-            cache.push((id, container::unpack(&name, tensor, DType::F32)?));
+            cache.push((id, container::unpack_one_of(&name, tensor, &CACHE_DTYPES)?));
         }
         let cache_norm = container::take(tensors, CACHE_NORM, DType::F32)?;
         Ok(Self { header, cache, cache_norm })
     }
 }
 
-/// Every float parameter of a module: shape and device, each `ParamId` once.
+/// Every float parameter of a module: shape, device and dtype, each `ParamId` once.
 struct ShapeVisitor {
     seen: HashSet<ParamId>,
-    params: HashMap<u64, (Shape, Device)>,
+    params: HashMap<u64, (Shape, Device, DType)>,
 }
 
 impl ModuleVisitor for ShapeVisitor {
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
         if self.seen.insert(param.id) {
             let device = param.lazy_device();
-            self.params.insert(param.id.val(), (param.lazy_shape(), device));
+            self.params.insert(param.id.val(), (param.lazy_shape(), device, param.val().dtype()));
         }
     }
 }
@@ -279,7 +299,7 @@ impl SamEngine {
         module.visit(&mut visitor);
         let params = visitor.params;
         for (id, dims) in &header.state.manifest {
-            let Some((shape, _)) = params.get(id) else {
+            let Some((shape, _, _)) = params.get(id) else {
                 return Err(SamError::RecordMismatch(format!(
                     "parameter {id} (shape {dims:?}) of the record is missing from the module"
                 )));
@@ -293,7 +313,7 @@ impl SamEngine {
         }
         let mut tensors = HashMap::with_capacity(cache.len());
         for (id, data) in cache {
-            let Some((shape, device)) = params.get(&id) else {
+            let Some((shape, device, param_dtype)) = params.get(&id) else {
                 return Err(SamError::RecordMismatch(format!(
                     "cached tensor for parameter {id} has no parameter in the module"
                 )));
@@ -305,18 +325,27 @@ impl SamEngine {
                     shape.as_slice()
                 )));
             }
-            tensors.insert(ParamId::from(id), Tensor::<1>::from_data(data, device).inner());
+            let dtype = self.config.cache_precision.storage_dtype(*param_dtype, device);
+            if data.dtype() != dtype {
+                return Err(SamError::RecordMismatch(format!(
+                    "the cached tensor for parameter {id} is stored as {:?}; this run stores it as {dtype:?} \
+                     (`cache_precision` = `{}`, parameter dtype {param_dtype:?})",
+                    data.dtype(),
+                    self.config.cache_precision
+                )));
+            }
+            tensors.insert(ParamId::from(id), Tensor::<1>::from_data(data, (device, dtype)).inner());
         }
         // Checked by `checked_gate`: one finite value matching the tensors, and only with tensors.
         let device = tensors.values().next().map(|t| t.device());
         let norm = match (cache_norm, &device) {
-            (Some(data), Some(device)) => Some(Tensor::<1>::from_data(data, device).inner()),
+            (Some(data), Some(device)) => Some(Tensor::<1>::from_data(data, (device, DType::F32)).inner()),
             _ => None,
         };
         self.state = EngineState { gate, ..header.state };
         self.cache = Arc::new(ReuseCache { tensors, norm });
         self.pending_grad_sq = match (header.pending_grad_norm_sq, device) {
-            (Some(value), Some(device)) => Some(Tensor::<1>::from_data([value as f32], &device)),
+            (Some(value), Some(device)) => Some(Tensor::<1>::from_data([value as f32], (&device, DType::F32))),
             (Some(value), None) => {
                 // No tensor to learn a device from: feed the value to the gate right away, which
                 // is what the next step would do.

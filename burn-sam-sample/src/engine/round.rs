@@ -5,13 +5,14 @@
 use std::collections::HashMap;
 
 use burn::module::ParamId;
-use burn::tensor::{Device, Tensor};
+use burn::tensor::{DType, Device, Tensor};
 
 use crate::policy::PsfStats;
 use crate::reuse::CheapTerm;
 
-/// Per-parameter tensors to cache, their parameter order and device.
-pub(crate) type CacheParts = (HashMap<ParamId, Tensor<1>>, Vec<ParamId>, Device);
+/// Per-parameter tensors to cache (f32), their parameter order with each one's storage dtype,
+/// and the device.
+pub(crate) type CacheParts = (HashMap<ParamId, Tensor<1>>, Vec<(ParamId, DType)>, Device);
 
 #[derive(Clone, Debug)]
 pub(crate) struct Round {
@@ -76,7 +77,7 @@ impl Round {
         stats: PsfStats,
         grad_sq: f64,
         tensors: Option<HashMap<ParamId, Tensor<1>>>,
-        place: impl FnOnce() -> (Vec<ParamId>, Device),
+        place: impl FnOnce() -> (Vec<(ParamId, DType)>, Device),
     ) {
         self.stats.push(stats);
         self.grad_sq_host.push(grad_sq);

@@ -12,7 +12,7 @@ use burn::tensor::{Bool, DType, Device, Tensor};
 use super::tensors::{self, dot, square_sum, sum_parts, Collected, FlatGrad};
 use crate::config::SamConfig;
 use crate::policy::PsfStats;
-use crate::reuse::{CheapTerm, ReusePolicy};
+use crate::reuse::{CachePrecision, CheapTerm, ReusePolicy};
 
 /// The first pass of a step, measured.
 #[derive(Debug)]
@@ -37,20 +37,35 @@ impl FirstPass {
     }
 }
 
-/// What a SAM step stores for the cheap steps after it, per `ParamId`, in f32 (shared, not
-/// copied, by the plans of the steps that read it).
+/// What a SAM step stores for the cheap steps after it, per `ParamId`, in the dtype
+/// [`CachePrecision`](crate::reuse::CachePrecision) chose (shared, not copied, by the plans of the
+/// steps that read it).
 #[derive(Clone, Debug, Default)]
 pub(crate) struct ReuseCache {
     pub tensors: HashMap<ParamId, Tensor<1>>,
-    /// ‖cache‖ for LookSAM's norm matching.
+    /// ‖cache‖ (f32, of the stored values) for LookSAM's norm matching.
     pub norm: Option<Tensor<1>>,
 }
 
 impl ReuseCache {
-    /// A cache holding `tensors`, with the norm LookSAM needs.
-    pub fn new(tensors: HashMap<ParamId, Tensor<1>>, reuse: &ReusePolicy, order: &[ParamId], device: &Device) -> Self {
+    /// A cache of the f32 `tensors`, each stored in the dtype `layout` gives for its parameter
+    /// (module order), with the norm LookSAM needs.
+    pub fn new(
+        tensors: HashMap<ParamId, Tensor<1>>,
+        reuse: &ReusePolicy,
+        layout: &[(ParamId, DType)],
+        device: &Device,
+    ) -> Self {
+        let dtypes: HashMap<ParamId, DType> = layout.iter().copied().collect();
+        let tensors: HashMap<ParamId, Tensor<1>> = tensors
+            .into_iter()
+            .map(|(id, tensor)| {
+                let dtype = dtypes.get(&id).copied().unwrap_or(DType::F32);
+                (id, store_as(tensor, dtype))
+            })
+            .collect();
         let norm = matches!(reuse, ReusePolicy::LookSam { .. }).then(|| {
-            let parts: Vec<Tensor<1>> = order.iter().filter_map(|id| tensors.get(id)).map(square_sum).collect();
+            let parts: Vec<Tensor<1>> = layout.iter().filter_map(|(id, _)| tensors.get(id)).map(square_sum).collect();
             sum_parts(&parts, device).sqrt()
         });
         Self { tensors, norm }
@@ -58,6 +73,25 @@ impl ReuseCache {
 
     pub fn is_empty(&self) -> bool {
         self.tensors.is_empty()
+    }
+
+    /// Bytes the cached tensors occupy (from their shapes and dtypes; reads nothing).
+    pub fn bytes(&self) -> u64 {
+        let tensors = self.tensors.values().chain(self.norm.as_ref());
+        tensors.map(|t| (t.shape().num_elements() * t.dtype().size()) as u64).sum()
+    }
+}
+
+/// f16's largest finite value.
+const F16_MAX: f64 = 65504.0;
+
+/// `tensor` in `dtype`, rounded once; into f16 it saturates at ±65504, so that a finite value
+/// never becomes infinite (bf16 has f32's range).
+pub(crate) fn store_as(tensor: Tensor<1>, dtype: DType) -> Tensor<1> {
+    if dtype == DType::F16 && tensor.dtype() != DType::F16 {
+        tensor.clamp(-F16_MAX, F16_MAX).cast(dtype)
+    } else {
+        tensor.cast(dtype)
     }
 }
 
@@ -133,13 +167,14 @@ pub(crate) fn cheap_direction<M: Module>(
         .map(|flat| {
             let dtype = flat.grad.dtype();
             let device = flat.grad.device();
-            let cached = cache.tensors.get(&flat.id).map(|t| t.clone().to_device(&device));
+            // The cache is read in f32 whatever its storage, the sum rounded once to g's dtype.
+            let cached = cache.tensors.get(&flat.id).map(|t| t.clone().to_device(&device).cast(DType::F32));
             let mut direction = match (term, cached, &norm_matched) {
                 (CheapTerm::Scaled(weight), Some(cached), _) => {
-                    (flat.grad.cast(DType::F32) + cached.mul_scalar(weight)).cast(dtype)
+                    store_as(flat.grad.cast(DType::F32) + cached.mul_scalar(weight), dtype)
                 }
                 (CheapTerm::NormMatched(_), Some(cached), Some(coefficient)) => {
-                    (flat.grad.cast(DType::F32) + cached * coefficient.clone().to_device(&device)).cast(dtype)
+                    store_as(flat.grad.cast(DType::F32) + cached * coefficient.clone().to_device(&device), dtype)
                 }
                 _ => flat.grad,
             };
@@ -288,9 +323,12 @@ impl SamOutcome {
         }
     }
 
-    /// Parameter order of this step.
-    pub fn order(&self) -> Vec<ParamId> {
-        self.pairs.iter().map(|(flat, _, _)| flat.id).collect()
+    /// Parameter order of this step, with the dtype each parameter's cache is stored in.
+    pub fn layout(&self, precision: CachePrecision) -> Vec<(ParamId, DType)> {
+        self.pairs
+            .iter()
+            .map(|(flat, _, _)| (flat.id, precision.storage_dtype(flat.grad.dtype(), &flat.grad.device())))
+            .collect()
     }
 
     /// The direction: g_s when both passes are finite, g when only the first is, else zeros.
@@ -311,5 +349,45 @@ impl SamOutcome {
             })
             .collect();
         tensors::into_gradients(module, directions)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn storing_in_f16_saturates_and_bf16_rounds_once() {
+        let device = Device::flex();
+        let values = [1.0e6f32, -7.0e4, 3.0, 1.0e-3, 65504.0];
+        let tensor = Tensor::<1>::from_data(values, (&device, DType::F32));
+        let stored = store_as(tensor.clone(), DType::F16);
+        assert_eq!(stored.dtype(), DType::F16);
+        let back: Vec<f32> = stored.into_data().iter::<f32>().collect();
+        assert!(back.iter().all(|v| v.is_finite()), "{back:?}");
+        assert_eq!(&back[..3], &[65504.0, -65504.0, 3.0]);
+        let bf16: Vec<f32> = store_as(tensor, DType::BF16).into_data().iter::<f32>().collect();
+        assert_eq!(bf16[0], 999424.0, "1e6 to bf16's nearest (8 significant bits)");
+        assert_eq!(bf16[2], 3.0);
+    }
+
+    #[test]
+    fn the_cache_is_stored_in_its_layout_dtype_and_counted_in_bytes() {
+        let device = Device::flex();
+        let (a, b) = (ParamId::new(), ParamId::new());
+        let tensors = HashMap::from([
+            (a, Tensor::<1>::from_data([1.0f32, 2.0, 3.0], (&device, DType::F32))),
+            (b, Tensor::<1>::from_data([4.0f32], (&device, DType::F32))),
+        ]);
+        let layout = [(a, DType::BF16), (b, DType::F32)];
+        let cache = ReuseCache::new(tensors.clone(), &ReusePolicy::decayed_psf(), &layout, &device);
+        assert_eq!(cache.tensors[&a].dtype(), DType::BF16);
+        assert_eq!(cache.tensors[&b].dtype(), DType::F32);
+        assert_eq!(cache.bytes(), 3 * 2 + 4);
+        // LookSAM's norm is of the stored values, in f32.
+        let look = ReuseCache::new(tensors, &ReusePolicy::look_sam(), &layout, &device);
+        let norm = look.norm.clone().map(|n| n.into_scalar::<f32>());
+        assert_eq!(norm, Some(30.0f32.sqrt()));
+        assert_eq!(look.bytes(), 3 * 2 + 4 + 4);
     }
 }

@@ -141,10 +141,12 @@ pub fn verify_checkpoint(
         }
         // The base optimizer's state tensors are named after the parameter they belong to.
         let ids: HashSet<u64> = parameters.iter().map(|(id, _)| *id).collect();
-        let base = record
+        let base_bytes = record
             .base
             .into_bytes()
-            .map_err(|e| e.to_string())
+            .map_err(|err| SamError::CorruptRecord(format!("checkpoint {epoch}: {}: {err}", optim.display())))?;
+        crate::optimizer::check_base_dtypes(&base_bytes).map_err(mismatch)?;
+        let base = Ok::<_, String>(base_bytes)
             .and_then(|bytes| burn_pack::Reader::from_bytes(bytes).map_err(|e| e.to_string()))
             .and_then(|reader| reader.into_tensors().map_err(|e| e.to_string()))
             .map_err(|err| SamError::CorruptRecord(format!("checkpoint {epoch}: {}: {err}", optim.display())))?;
