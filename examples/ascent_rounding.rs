@@ -10,7 +10,11 @@
 //! of ε's norm that survives) and how far the two ways' second-pass gradients g_s lie apart,
 //! relative to the PSF (‖g_s − g_s'‖ / ‖g_s' − g‖). The numbers are in `docs/precision.md`.
 //!
-//! Required features: `flex` (on by default), or a GPU backend that computes in the dtype.
+//! The CNN runs without dropout here (each pass would draw another mask, and the measurement
+//! compares passes); BatchNorm uses the batch's statistics, as in training.
+//!
+//! Required features: `flex` (on by default), or a GPU backend that computes in the dtype, and
+//! `ndarray` (on by default) for the f32 reference.
 //!
 //! ```text
 //! cargo run --release -p burn-sam-sample-examples --example ascent_rounding -- --epochs 3
@@ -23,7 +27,7 @@ use burn::data::dataloader::batcher::Batcher;
 use burn::data::dataset::Dataset;
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId};
 use burn::nn::loss::CrossEntropyLossConfig;
-use burn::optim::{momentum::MomentumConfig, GradientsParams, Optimizer, SgdConfig};
+use burn::optim::{momentum::MomentumConfig, GradientsParams, SgdConfig};
 use burn::prelude::*;
 use burn::tensor::DType;
 use burn_sam_sample::backend;
@@ -146,20 +150,64 @@ fn loss(model: &Cnn, batch: &FashionBatch) -> Tensor<1> {
 
 /// One measurement row.
 struct Row {
+    /// Share of weights `w + ε` leaves unchanged: direct, from an f32 copy.
     unchanged: [f64; 2],
+    /// ‖w_ε − w‖/ρ: direct, from an f32 copy.
     surviving: [f64; 2],
-    gs_gap: f64,
+    /// ‖PSF − PSF₃₂‖/‖PSF₃₂‖: direct, from an f32 copy.
+    psf_error: [f64; 2],
+    /// ‖g − g₃₂‖/‖g₃₂‖.
+    grad_error: f64,
+    /// ‖PSF₃₂‖/‖g₃₂‖.
+    psf_ratio: f64,
 }
 
-fn measure_once(model: &Cnn, batch: &FashionBatch, rho: f64) -> Row {
+fn norm(values: &HashMap<ParamId, Vec<f64>>) -> f64 {
+    values.values().flatten().map(|v| v * v).sum::<f64>().sqrt()
+}
+
+/// ‖a − b‖ over the ids of `a`.
+fn distance(a: &HashMap<ParamId, Vec<f64>>, b: &HashMap<ParamId, Vec<f64>>) -> f64 {
+    a.iter().flat_map(|(id, x)| x.iter().zip(&b[id]).map(|(x, y)| (x - y).powi(2))).sum::<f64>().sqrt()
+}
+
+fn minus(a: &HashMap<ParamId, Vec<f64>>, b: &HashMap<ParamId, Vec<f64>>) -> HashMap<ParamId, Vec<f64>> {
+    a.iter().map(|(id, x)| (*id, x.iter().zip(&b[id]).map(|(x, y)| x - y).collect())).collect()
+}
+
+/// g and g_s of `model` on `batch` with the ascent formed `way`, and the perturbed weights.
+fn passes(model: &Cnn, batch: &FashionBatch, rho: f64, way: Way) -> [HashMap<ParamId, Vec<f64>>; 2] {
     let grads = GradientsParams::from_grads(loss(model, batch).backward(), model);
     let g = grad_values(model, &grads);
-    let norm = g.values().flatten().map(|v| v * v).sum::<f64>().sqrt();
-    let scale = rho / (norm + 1e-12);
+    let scale = rho / (norm(&g) + 1e-12);
+    let perturbed = model.clone().map(&mut Perturb { grads: &grads, scale, way });
+    let second = GradientsParams::from_grads(loss(&perturbed, batch).backward(), &perturbed);
+    [g, grad_values(&perturbed, &second)]
+}
+
+fn measure_once(model: &Cnn, batch: &FashionBatch, rho: f64, reference: &Device) -> Row {
+    // The reference: the same weights and batch in f32 (a cast is exact), g, ε and g_s in f32, on
+    // a device whose default float is f32 (Burn's BatchNorm makes its constants in the device's
+    // default dtype).
+    let model32 = model.clone().with_float_dtype(DType::F32).fork(reference);
+    let batch32 = FashionBatch {
+        images: batch.images.clone().cast(DType::F32).to_device(reference),
+        targets: batch.targets.clone().to_device(reference),
+    };
+    let [g32, gs32] = passes(&model32, &batch32, rho, Way::FromF32);
+    let psf32 = minus(&gs32, &g32);
+
+    let grads = GradientsParams::from_grads(loss(model, batch).backward(), model);
+    let g = grad_values(model, &grads);
+    let scale = rho / (norm(&g) + 1e-12);
     let w = values(model);
-    let mut unchanged = [0.0; 2];
-    let mut surviving = [0.0; 2];
-    let mut gs = Vec::new();
+    let mut row = Row {
+        unchanged: [0.0; 2],
+        surviving: [0.0; 2],
+        psf_error: [0.0; 2],
+        grad_error: distance(&g, &g32) / norm(&g32),
+        psf_ratio: norm(&psf32) / norm(&g32),
+    };
     for (i, way) in [Way::Direct, Way::FromF32].into_iter().enumerate() {
         let perturbed = model.clone().map(&mut Perturb { grads: &grads, scale, way });
         let p = values(&perturbed);
@@ -174,20 +222,13 @@ fn measure_once(model: &Cnn, batch: &FashionBatch, rho: f64) -> Row {
                 moved += (f64::from(*b) - f64::from(*a)).powi(2);
             }
         }
-        unchanged[i] = same as f64 / total as f64;
-        surviving[i] = moved.sqrt() / rho;
+        row.unchanged[i] = same as f64 / total as f64;
+        row.surviving[i] = moved.sqrt() / rho;
         let second = GradientsParams::from_grads(loss(&perturbed, batch).backward(), &perturbed);
-        gs.push(grad_values(&perturbed, &second));
+        let psf = minus(&grad_values(&perturbed, &second), &g);
+        row.psf_error[i] = distance(&psf, &psf32) / norm(&psf32);
     }
-    let (mut gap, mut psf) = (0.0, 0.0);
-    for (id, direct) in &gs[0] {
-        let from_f32 = &gs[1][id];
-        for ((d, f), g0) in direct.iter().zip(from_f32).zip(&g[id]) {
-            gap += (d - f).powi(2);
-            psf += (f - g0).powi(2);
-        }
-    }
-    Row { unchanged, surviving, gs_gap: gap.sqrt() / psf.sqrt().max(f64::MIN_POSITIVE) }
+    row
 }
 
 fn measure(args: Args) -> Result<(), Box<dyn std::error::Error>> {
@@ -195,14 +236,18 @@ fn measure(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let mut device = backend::select(name.as_deref())?;
     args.precision.configure(&mut device)?;
     let device = device.autodiff();
+    let reference = backend::select(Some("ndarray"))
+        .map_err(|e| format!("the f32 reference runs on ndarray, which this build lacks: {e}"))?
+        .autodiff();
     let data = FashionMnist::load(None, Fetch::from_flag(true))?;
     let train = subset(&data.train, Some(args.train_subset));
     device.seed(args.seed);
-    let mut model = CnnConfig::new().with_channels(16).with_hidden(128).init(&device);
+    // Without dropout: each pass would draw another mask, and the measurement compares passes.
+    let mut model = CnnConfig::new().with_channels(16).with_hidden(128).with_dropout(0.0).init(&device);
     let mut optim = SgdConfig::new().with_momentum(Some(MomentumConfig::new().with_momentum(0.9))).init();
     let mut order: Vec<usize> = (0..train.len()).collect();
     let mut rng = rand::rngs::StdRng::seed_from_u64(args.seed);
-    let probe_items: Vec<_> = (0..args.batch_size).filter_map(|i| train.get(i)).collect();
+    let probe_items: Vec<_> = (0..args.batch_size).filter_map(|i| train.get(i).ok()).collect();
     let probe = FashionBatcher::plain().batch(probe_items, &device);
 
     println!(
@@ -210,27 +255,33 @@ fn measure(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         args.precision.name(),
         model.num_params()
     );
-    println!("| epoch | ρ | unchanged (direct) | unchanged (f32 copy) | ‖Δw‖/ρ (direct) | ‖Δw‖/ρ (f32 copy) | ‖g_s − g_s'‖ / ‖PSF‖ |");
-    println!("|---|---|---|---|---|---|---|");
+    println!(
+        "| epoch | ρ | unchanged: direct | unchanged: f32 copy | ‖Δw‖/ρ: direct | ‖Δw‖/ρ: f32 copy | \
+         ‖g − g₃₂‖/‖g₃₂‖ | ‖PSF₃₂‖/‖g₃₂‖ | PSF error: direct | PSF error: f32 copy |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|---|");
     for epoch in 0..=args.epochs {
         if epoch > 0 {
             order.shuffle(&mut rng);
             for chunk in order.chunks(args.batch_size) {
-                let items: Vec<_> = chunk.iter().filter_map(|&i| train.get(i)).collect();
+                let items: Vec<_> = chunk.iter().filter_map(|&i| train.get(i).ok()).collect();
                 let batch = FashionBatcher::plain().batch(items, &device);
                 let grads = GradientsParams::from_grads(loss(&model, &batch).backward(), &model);
                 model = optim.step(args.lr, model, grads);
             }
         }
         for &rho in &args.rho {
-            let row = measure_once(&model, &probe, rho);
+            let row = measure_once(&model, &probe, rho, &reference);
             println!(
-                "| {epoch} | {rho} | {:.1} % | {:.1} % | {:.3} | {:.3} | {:.3} |",
+                "| {epoch} | {rho} | {:.1} % | {:.1} % | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} |",
                 100.0 * row.unchanged[0],
                 100.0 * row.unchanged[1],
                 row.surviving[0],
                 row.surviving[1],
-                row.gs_gap
+                row.grad_error,
+                row.psf_ratio,
+                row.psf_error[0],
+                row.psf_error[1]
             );
         }
     }

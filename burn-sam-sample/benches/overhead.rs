@@ -38,7 +38,7 @@ use burn::optim::{momentum::MomentumConfig, GradientsParams, ModuleOptimizer, Sg
 use burn::prelude::*;
 use burn::tensor::Distribution;
 use burn_sam_sample::policy::GatePolicy;
-use burn_sam_sample::reuse::ReusePolicy;
+use burn_sam_sample::reuse::{CachePrecision, ReusePolicy};
 use burn_sam_sample::{backend, SamConfig, SamOptimizer};
 
 #[derive(Module, Debug)]
@@ -171,6 +171,15 @@ fn main() {
             let optim = config.init(base()).expect("valid configuration");
             Stepper::Sam(Some(Mlp::new(&widths, &device)), Box::new(optim))
         };
+        // What the vSAM cache of this model occupies, as the engine counts it (telemetry), stored
+        // in f32 and in bf16 (a bf16 model's default cache has the bf16 size).
+        let [cache_f32, cache_bf16] = [CachePrecision::F32, CachePrecision::Bf16].map(|precision| {
+            let mut optim = cheap(reuse.clone(), true).with_cache_precision(precision).init(base()).expect("valid configuration");
+            // The first step is the one SAM step, which fills the cache.
+            let _ = optim.step(0.001, Mlp::new(&widths, &device), |m: &Mlp| (m.loss(&x, &y), ()));
+            optim.telemetry().cache_bytes
+        });
+        println!("model {label}: reuse cache {cache_f32} bytes in f32, {cache_bf16} bytes in bf16");
         let mut kinds = [
             ("base", Stepper::Base(Some(Mlp::new(&widths, &device)), base())),
             ("cheap", sam_of(cheap(reuse.clone(), true))),
@@ -258,6 +267,8 @@ fn main() {
             "minimum_over_base": round4(minimum.0),
             "cheap_unguarded_over_minimum": round4(over_minimum.0),
             "cheap_over_engine_base": round4(cheap_engine.0),
+            "cache_bytes_f32": cache_f32,
+            "cache_bytes_bf16": cache_bf16,
             "sam_over_two_engine_base": round4(sam_engine.0),
         }));
     }

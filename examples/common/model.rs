@@ -55,6 +55,31 @@ impl CnnConfig {
 }
 
 impl Cnn {
+    /// The same network with every float parameter and BatchNorm running statistic cast to
+    /// `dtype` (ids and require-grad settings kept), in running-state cells of its own.
+    pub fn with_float_dtype(self, dtype: burn::tensor::DType) -> Self {
+        struct Cast(burn::tensor::DType);
+        impl burn::module::ModuleMapper for Cast {
+            fn map_float<const D: usize>(
+                &mut self,
+                param: burn::module::Param<Tensor<D>>,
+            ) -> burn::module::Param<Tensor<D>> {
+                let dtype = self.0;
+                param.map(|t| Tensor::from_inner(t.inner().cast(dtype)).require_grad())
+            }
+        }
+        let cast_stats = |mut bn: BatchNorm| {
+            bn.running_mean = burn::module::RunningState::new(bn.running_mean.value().cast(dtype));
+            bn.running_var = burn::module::RunningState::new(bn.running_var.value().cast(dtype));
+            bn
+        };
+        // New running-state cells first: a clone shares them with its original.
+        let mut fresh = self;
+        fresh.bn1 = cast_stats(fresh.bn1);
+        fresh.bn2 = cast_stats(fresh.bn2);
+        fresh.map(&mut Cast(dtype))
+    }
+
     /// Logits `[B, 10]` for images `[B, 1, 28, 28]`.
     pub fn forward(&self, images: Tensor<4>) -> Tensor<2> {
         let x = self.pool.forward(self.relu.forward(self.bn1.forward(self.conv1.forward(images))));

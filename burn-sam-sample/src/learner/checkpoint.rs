@@ -113,7 +113,13 @@ pub fn checkpoint_set(directory: impl AsRef<Path>) -> CheckpointSet {
 ///   sizes and checksums its manifest records;
 /// - the SAM state belongs to `config` (same gate and reuse rule, gate state and counters in
 ///   range, finite and bounded cache; see [`EngineRecord::check_config`](crate::EngineRecord::check_config));
-/// - every parameter the SAM state knows is in `model-N.bpk`, with the same shape.
+/// - every parameter the SAM state knows is in `model-N.bpk`, with the same shape;
+/// - Burn can restore the base optimizer's state in the dtype it was saved in (see
+///   [`SamOptimizer::load_record`](crate::SamOptimizer::load_record)).
+///
+/// The cache's dtype against the parameters' (`CachePrecision::Parameters`) is checked when the
+/// state is loaded, against the model in memory: a model file need not store the parameters in
+/// their training dtype.
 pub fn verify_checkpoint(
     set: &CheckpointSet,
     epoch: usize,
