@@ -64,6 +64,10 @@ expect 2 "--resume" "$fm" --resume newest
 expect 2 "--rho" "$cl" --rho inf
 expect 2 "unknown method \`nosuch\`" "$bin/benchmark" --quick --methods sgd,nosuch
 expect 2 "--label-noise" "$bin/benchmark" --quick --label-noise 1.5
+expect 2 "--precision" "$bin/benchmark" --quick --precision fp8
+expect 2 "\`fp16\` is not a cache precision" "$bin/benchmark" --quick --cache-precision fp16
+expect 1 "--precision bf16: the device" "$bin/benchmark" --quick --backend ndarray --precision bf16 --out "$tmp/b.md"
+expect 2 "--precision must be bf16 or f16" "$bin/ascent_rounding" --precision f32
 # A run too long to count.
 expect 1 "too many steps" "$fm" --epochs 18446744073709551615
 

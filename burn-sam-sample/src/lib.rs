@@ -46,3 +46,9 @@ pub use burn;
 #[cfg(doctest)]
 #[doc = include_str!("../../README.md")]
 pub struct ReadmeDoctests;
+
+/// `docs/precision.md`'s code blocks, compiled and run as doc tests (they configure flex's
+/// default float, so they need the `flex` feature).
+#[cfg(all(doctest, feature = "flex"))]
+#[doc = include_str!("../../docs/precision.md")]
+pub struct PrecisionDoctests;
