@@ -174,7 +174,8 @@ fn main() {
         // What the vSAM cache of this model occupies, as the engine counts it (telemetry), stored
         // in f32 and in bf16 (a bf16 model's default cache has the bf16 size).
         let [cache_f32, cache_bf16] = [CachePrecision::F32, CachePrecision::Bf16].map(|precision| {
-            let mut optim = cheap(reuse.clone(), true).with_cache_precision(precision).init(base()).expect("valid configuration");
+            let mut optim =
+                cheap(reuse.clone(), true).with_cache_precision(precision).init(base()).expect("valid configuration");
             // The first step is the one SAM step, which fills the cache.
             let _ = optim.step(0.001, Mlp::new(&widths, &device), |m: &Mlp| (m.loss(&x, &y), ()));
             optim.telemetry().cache_bytes
