@@ -1,13 +1,13 @@
 //! Degenerate gates reduce exactly to the methods they stand for, and the reuse rule adds what
 //! it says.
 
-use burn::module::{Module, ModuleMapper, Param};
 use burn::optim::{decay::WeightDecayConfig, momentum::MomentumConfig, GradientsParams, ModuleOptimizer, SgdConfig};
-use burn::prelude::*;
 use burn_sam_sample::policy::GatePolicy;
 use burn_sam_sample::reuse::ReusePolicy;
 use burn_sam_sample::{SamConfig, SamEngine};
-use burn_sam_sample_tests::{device, hand_driven_step, params, random_batch, random_mlp, values, Mlp};
+use burn_sam_sample_tests::{
+    device, hand_driven_step, hand_written_sam, params, random_batch, random_mlp, values, Mlp,
+};
 
 const LR: f64 = 0.05;
 
@@ -16,58 +16,6 @@ fn base() -> ModuleOptimizer {
         .with_momentum(Some(MomentumConfig::new().with_momentum(0.9)))
         .with_weight_decay(Some(WeightDecayConfig::new(1e-3)))
         .init()
-}
-
-/// Plain SAM written out by hand, without the engine.
-struct Ascent {
-    grads: GradientsParams,
-    scale: Tensor<1>,
-}
-
-impl ModuleMapper for Ascent {
-    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
-        let id = param.id;
-        match self.grads.get::<D>(id) {
-            Some(g) => param.map(|w| {
-                let scale = self.scale.clone().reshape([1; D]);
-                Tensor::from_inner(w.inner() + g * scale).require_grad()
-            }),
-            None => param,
-        }
-    }
-}
-
-fn hand_written_sam(mut model: Mlp, steps: usize, rho: f64) -> Mlp {
-    let device = device();
-    let mut optim = base();
-    for step in 0..steps {
-        let (x, y) = random_batch(&device, 100 + step as u64);
-        let grads = GradientsParams::from_grads(model.loss(&x, &y).backward(), &model);
-        // ‖g‖² per tensor with the engine's arithmetic: a 1×n by n×1 matrix product on the CPU
-        // backends, a product and a sum elsewhere.
-        let on_cpu = burn_sam_sample::backend::runs_on_cpu(&device);
-        let dot = |t: Tensor<1>| {
-            let n = t.dims()[0];
-            if on_cpu {
-                t.clone().reshape([1, n]).matmul(t.reshape([n, 1])).reshape([1])
-            } else {
-                (t.clone() * t).sum()
-            }
-        };
-        let flat2 = |t: Tensor<2>| t.flatten::<1>(0, 1);
-        let parts: Vec<Tensor<1>> = vec![
-            dot(flat2(grads.get::<2>(model.l1.weight.id).unwrap())),
-            dot(grads.get::<1>(model.l1.bias.as_ref().unwrap().id).unwrap()),
-            dot(flat2(grads.get::<2>(model.l2.weight.id).unwrap())),
-            dot(grads.get::<1>(model.l2.bias.as_ref().unwrap().id).unwrap()),
-        ];
-        let norm = Tensor::cat(parts, 0).sum().sqrt();
-        let scale = Tensor::<1>::full([1], rho, &device.clone().inner()) / norm.add_scalar(1e-12);
-        let perturbed = model.clone().map(&mut Ascent { grads, scale });
-        let sam_grads = GradientsParams::from_grads(perturbed.loss(&x, &y).backward(), &perturbed);
-        model = optim.step(LR, model, sam_grads);
-    }
-    model
 }
 
 fn engine_run(config: SamConfig, mut model: Mlp, steps: usize) -> Mlp {
@@ -88,7 +36,7 @@ fn bits(model: &Mlp) -> Vec<Vec<u32>> {
 fn always_gate_is_plain_sam_bit_for_bit() {
     let device = device();
     let model = random_mlp(&device, 1);
-    let expected = hand_written_sam(model.clone(), 10, 0.05);
+    let expected = hand_written_sam(model.clone(), &device, burn::tensor::DType::F32, 10, 0.05, base());
     let actual = engine_run(SamConfig::sam(), model, 10);
     assert_eq!(bits(&actual), bits(&expected));
 }

@@ -7,7 +7,6 @@
 //! the tests of this binary can share one device. They run on the test backend when it computes
 //! in the dtype, else on flex (ndarray has no half precision); see `common::half_device`.
 
-use burn::module::{Module, ModuleMapper, Param};
 use burn::optim::{decay::WeightDecayConfig, momentum::MomentumConfig, GradientsParams, ModuleOptimizer, SgdConfig};
 use burn::prelude::*;
 use burn::tensor::DType;
@@ -15,7 +14,9 @@ use burn_sam_sample::policy::GatePolicy;
 use burn_sam_sample::reuse::{CachePrecision, ReusePolicy};
 use burn_sam_sample::{SamConfig, SamError, SamOptimizer, SamOptimizerRecord};
 use burn_sam_sample_tests::reference::*;
-use burn_sam_sample_tests::{cast_module, half_device, params, random_batch, random_mlp, reference_mlp, values, Mlp};
+use burn_sam_sample_tests::{
+    cast_module, half_device, hand_written_sam, params, random_batch, random_mlp, reference_mlp, values, Mlp,
+};
 
 const LR: f64 = 0.05;
 
@@ -60,62 +61,6 @@ fn dtypes(model: &Mlp) -> Vec<DType> {
     ]
 }
 
-/// The ascent of plain SAM written out in the parameters' dtype: `w + cast(ρ·g/‖g‖)`, the scale
-/// computed in f32.
-struct Ascent {
-    grads: GradientsParams,
-    scale: Tensor<1>,
-}
-
-impl ModuleMapper for Ascent {
-    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
-        let id = param.id;
-        match self.grads.get::<D>(id) {
-            Some(g) => param.map(|w| {
-                let w = w.inner();
-                let scale = self.scale.clone().reshape([1; D]);
-                let ascent = (g.cast(DType::F32) * scale).cast(w.dtype());
-                Tensor::from_inner(w + ascent).require_grad()
-            }),
-            None => param,
-        }
-    }
-}
-
-fn hand_written_sam(mut model: Mlp, device: &Device, dtype: DType, steps: u64) -> Mlp {
-    let mut optim = momentum_sgd();
-    for step in 0..steps {
-        let (x, y) = batch(device, 100 + step, dtype);
-        let grads = GradientsParams::from_grads(model.loss(&x, &y).backward(), &model);
-        // ‖g‖² per tensor in f32 with the engine's arithmetic (a 1×n by n×1 product on the CPU
-        // backends, a product and a sum elsewhere).
-        let on_cpu = burn_sam_sample::backend::runs_on_cpu(device);
-        let square_sum = |t: Tensor<1>| {
-            let t = t.cast(DType::F32);
-            let n = t.dims()[0];
-            if on_cpu {
-                t.clone().reshape([1, n]).matmul(t.reshape([n, 1])).reshape([1])
-            } else {
-                (t.clone() * t).sum()
-            }
-        };
-        let flat = |t: Tensor<2>| t.flatten::<1>(0, 1);
-        let parts = vec![
-            square_sum(flat(grads.get::<2>(model.l1.weight.id).unwrap())),
-            square_sum(grads.get::<1>(model.l1.bias.as_ref().unwrap().id).unwrap()),
-            square_sum(flat(grads.get::<2>(model.l2.weight.id).unwrap())),
-            square_sum(grads.get::<1>(model.l2.bias.as_ref().unwrap().id).unwrap()),
-        ];
-        let norm = Tensor::cat(parts, 0).sum().sqrt();
-        let rho = Tensor::<1>::full([1], 0.05, (&device.clone().inner(), DType::F32));
-        let scale = rho / norm.add_scalar(1e-12);
-        let perturbed = model.clone().map(&mut Ascent { grads, scale });
-        let sam_grads = GradientsParams::from_grads(perturbed.loss(&x, &y).backward(), &perturbed);
-        model = optim.step(LR, model, sam_grads);
-    }
-    model
-}
-
 fn engine_run(
     sam: &mut SamOptimizer,
     mut model: Mlp,
@@ -135,7 +80,7 @@ fn always_gate_is_plain_sam_bit_for_bit_in_bf16_and_f16() {
     for dtype in [DType::BF16, DType::F16] {
         let Some(device) = device_for(dtype, "always_gate_is_plain_sam_bit_for_bit") else { continue };
         let model = cast_module(random_mlp(&device, 1), dtype);
-        let expected = hand_written_sam(model.clone(), &device, dtype, 10);
+        let expected = hand_written_sam(model.clone(), &device, dtype, 10, 0.05, momentum_sgd());
         let mut sam = SamConfig::sam().init(momentum_sgd()).unwrap();
         let actual = engine_run(&mut sam, model.clone(), &device, dtype, 0..10);
         assert_eq!(dtypes(&actual), vec![dtype; 4], "the parameters stay {dtype:?}");

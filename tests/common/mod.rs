@@ -232,3 +232,69 @@ pub fn hand_driven_step(
         burn_sam_sample::Pass::Cheap(pass) => pass.finish(model),
     }
 }
+
+/// Plain SAM written out by hand, without the engine, in `model`'s dtype `dtype`: per step, on
+/// the batch `random_batch(device, 100 + step)` (cast to `dtype`), ‖g‖² per tensor in f32 with the
+/// engine's arithmetic (a 1×n by n×1 product on the CPU backends, a product and a sum elsewhere),
+/// the ascent `w + cast(ρ·g/‖g‖)` with the scale in f32, then `optim` at learning rate 0.05 on g_s.
+pub fn hand_written_sam(
+    mut model: Mlp,
+    device: &Device,
+    dtype: burn::tensor::DType,
+    steps: u64,
+    rho: f64,
+    mut optim: burn::optim::ModuleOptimizer,
+) -> Mlp {
+    use burn::optim::GradientsParams;
+    use burn::tensor::DType;
+
+    struct Ascent {
+        grads: GradientsParams,
+        scale: Tensor<1>,
+    }
+    impl burn::module::ModuleMapper for Ascent {
+        fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+            let id = param.id;
+            match self.grads.get::<D>(id) {
+                Some(g) => param.map(|w| {
+                    let w = w.inner();
+                    let scale = self.scale.clone().reshape([1; D]);
+                    let ascent = (g.cast(DType::F32) * scale).cast(w.dtype());
+                    Tensor::from_inner(w + ascent).require_grad()
+                }),
+                None => param,
+            }
+        }
+    }
+
+    let on_cpu = burn_sam_sample::backend::runs_on_cpu(device);
+    let square_sum = |t: Tensor<1>| {
+        let t = t.cast(DType::F32);
+        let n = t.dims()[0];
+        if on_cpu {
+            t.clone().reshape([1, n]).matmul(t.reshape([n, 1])).reshape([1])
+        } else {
+            (t.clone() * t).sum()
+        }
+    };
+    for step in 0..steps {
+        let (x, y) = random_batch(device, 100 + step);
+        let (x, y) = (x.cast(dtype), y.cast(dtype));
+        let grads = GradientsParams::from_grads(model.loss(&x, &y).backward(), &model);
+        let flat = |t: Tensor<2>| t.flatten::<1>(0, 1);
+        let bias = |layer: &Linear| layer.bias.as_ref().map(|b| b.id).expect("the reference layers have biases");
+        let parts = vec![
+            square_sum(flat(grads.get::<2>(model.l1.weight.id).expect("a gradient"))),
+            square_sum(grads.get::<1>(bias(&model.l1)).expect("a gradient")),
+            square_sum(flat(grads.get::<2>(model.l2.weight.id).expect("a gradient"))),
+            square_sum(grads.get::<1>(bias(&model.l2)).expect("a gradient")),
+        ];
+        let norm = Tensor::cat(parts, 0).sum().sqrt();
+        let rho = Tensor::<1>::full([1], rho, (&device.clone().inner(), DType::F32));
+        let scale = rho / norm.add_scalar(1e-12);
+        let perturbed = model.clone().map(&mut Ascent { grads, scale });
+        let sam_grads = GradientsParams::from_grads(perturbed.loss(&x, &y).backward(), &perturbed);
+        model = optim.step(0.05, model, sam_grads);
+    }
+    model
+}
