@@ -370,7 +370,7 @@ impl WindowAccumulator {
     }
 
     fn close(&mut self, optim: &SamOptimizer, next_start: usize) -> WindowTrace {
-        let gate = optim.engine().gate();
+        let gate = optim.gate();
         let (changes, level) = match gate.rule() {
             Rule::Variation(_, v) => (v.last_changes, None),
             Rule::Trend(_, p) => (None, Some(p.level())),
@@ -457,7 +457,7 @@ fn run(
         let (memorized, flipped_true) = memorization(&model, &setting.train.flipped);
         epochs.push(EpochPoint { epoch, train_seconds, test_accuracy, memorized, flipped_true });
     }
-    let counters = optim.engine_mut().sync_telemetry();
+    let counters = optim.sync_telemetry();
     Ok(RunResult {
         variant: variant.name.clone(),
         noise: setting.noise,

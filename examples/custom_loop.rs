@@ -60,7 +60,7 @@ fn main() -> ExitCode {
 fn train(Args { train: args, test_subset, artifact_dir, resume }: Args) -> Result<(), Box<dyn std::error::Error>> {
     // SAM steps allocate model-sized tensors the base step does not; keep freed memory for the
     // next step instead of faulting it in again (glibc; see docs/backends.md).
-    burn_sam_sample::backend::keep_freed_memory();
+    burn_sam_sample::memory::keep_freed_memory();
     let device = backend::select(args.backend.as_deref())?;
     let train_device = device.clone().autodiff();
     let data = FashionMnist::load(args.data_dir.as_deref(), Fetch::from_flag(args.offline))?;

@@ -29,8 +29,8 @@ use burn::train::metric::{AccuracyMetric, LossMetric};
 use burn::train::{ClassificationOutput, InferenceStep, Learner, SupervisedTraining, TrainOutput, TrainStep};
 use burn_sam_sample::backend;
 use burn_sam_sample::learner::{
-    checkpoint_set, verify_checkpoint, EpochLoader, GradientPassesMetric, PsfRatioMetric, SamFractionMetric, SamHandle,
-    SamOutput, SamQuotaMetric, SamTargetMetric, SamTrainingExt,
+    checkpoint_set, verify_checkpoint, EpochLoader, GradientPassesMetric, PsfRatioMetric, SamFractionMetric, SamModel,
+    SamQuotaMetric, SamTargetMetric, SamTrainingExt,
 };
 use burn_sam_sample_examples::cli::{parse, ResumeArgs, TrainArgs};
 use burn_sam_sample_examples::evaluate_loader;
@@ -73,8 +73,6 @@ struct Args {
 #[derive(Module, Debug)]
 struct Classifier {
     net: Cnn,
-    #[module(skip)]
-    sam: SamHandle,
 }
 
 impl Classifier {
@@ -87,13 +85,12 @@ impl Classifier {
 
 impl TrainStep for Classifier {
     type Input = FashionBatch;
-    type Output = SamOutput<ClassificationOutput>;
+    type Output = ClassificationOutput;
 
-    fn step(&self, batch: FashionBatch) -> TrainOutput<Self::Output> {
-        self.sam.train_step(self, batch, Classifier::classify)
+    fn step(&self, batch: FashionBatch) -> TrainOutput<ClassificationOutput> {
+        let out = self.classify(batch);
+        TrainOutput::new(self, out.loss.backward(), out)
     }
-
-    burn_sam_sample::sam_optimize!(sam);
 }
 
 impl InferenceStep for Classifier {
@@ -118,7 +115,7 @@ fn main() -> ExitCode {
 fn train(options: Args) -> Result<(), Box<dyn std::error::Error>> {
     // SAM steps allocate model-sized tensors the base step does not; keep freed memory for the
     // next step instead of faulting it in again (glibc; see docs/backends.md).
-    burn_sam_sample::backend::keep_freed_memory();
+    burn_sam_sample::memory::keep_freed_memory();
     let args = &options.train;
     let device = backend::select(args.backend.as_deref())?;
 
@@ -166,8 +163,8 @@ fn train(options: Args) -> Result<(), Box<dyn std::error::Error>> {
     };
     let train_device = device.clone().autodiff();
     train_device.seed(args.seed);
-    let model = Classifier { net: CnnConfig::new().init(&train_device), sam: SamHandle::new(&config)? };
-    let sam = model.sam.clone();
+    let model = SamModel::new(Classifier { net: CnnConfig::new().init(&train_device) }, &config)?;
+    let sam = model.sam().clone();
 
     let batcher = if options.augment { FashionBatcher::augmented(args.seed) } else { FashionBatcher::plain() };
     // Order, augmentation and dropout of epoch e are functions of (seed, e): see `EpochLoader`.
@@ -223,7 +220,7 @@ fn train(options: Args) -> Result<(), Box<dyn std::error::Error>> {
         .into());
     }
 
-    let accuracy = evaluate_loader(&result.model.net, test_loader.to_device(&device).as_ref())?;
+    let accuracy = evaluate_loader(&result.model.model().net, test_loader.to_device(&device).as_ref())?;
     let telemetry = sam.telemetry();
     println!(
         "method {} | test accuracy {:.2}% | SAM fraction {:.3} | gradient passes/step {:.3} | steps {} | \
@@ -235,7 +232,7 @@ fn train(options: Args) -> Result<(), Box<dyn std::error::Error>> {
         telemetry.step,
         telemetry.non_finite_steps,
     );
-    println!("weights digest {}", weights_digest(&result.model.net));
+    println!("weights digest {}", weights_digest(&result.model.model().net));
     if let Some(min) = options.min_accuracy {
         if accuracy <= min {
             return Err(format!("test accuracy {:.4} is not above the required {min}", accuracy).into());

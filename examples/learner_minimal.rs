@@ -67,8 +67,6 @@ fn points(per_class: usize, seed: u64, device: &Device) -> InMemDataset<Point> {
 struct Model {
     l1: Linear,
     l2: Linear,
-    #[module(skip)]
-    sam: SamHandle,
 }
 
 impl Model {
@@ -79,13 +77,14 @@ impl Model {
     }
 }
 
+// Burn's train step, as without SAM.
 impl TrainStep for Model {
     type Input = Batch;
-    type Output = SamOutput<ClassificationOutput>;
-    fn step(&self, batch: Batch) -> TrainOutput<Self::Output> {
-        self.sam.train_step(self, batch, Model::forward_classification)
+    type Output = ClassificationOutput;
+    fn step(&self, batch: Batch) -> TrainOutput<ClassificationOutput> {
+        let output = self.forward_classification(batch);
+        TrainOutput::new(self, output.loss.backward(), output)
     }
-    burn_sam_sample::sam_optimize!(sam);
 }
 // README:end
 
@@ -108,7 +107,7 @@ fn main() -> ExitCode {
 fn run() -> Result<(), Box<dyn std::error::Error>> {
     // SAM steps allocate model-sized tensors the base step does not; keep freed memory for the
     // next step instead of faulting it in again (glibc; see docs/backends.md).
-    burn_sam_sample::backend::keep_freed_memory();
+    burn_sam_sample::memory::keep_freed_memory();
     let dir = std::path::Path::new("target/learner-minimal");
     let (epochs, steps_per_epoch) = (6, 600 / 32);
     let cpu = backend::select(None)?;
@@ -118,17 +117,14 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         Arc::new(EpochLoader::new(points(200, 1, &cpu), PointBatcher, 32, 0, &device)?);
     let valid = DataLoaderBuilder::new(PointBatcher).batch_size(128).build(points(100, 2, &cpu));
     // README:start
-    let model = Model {
-        l1: LinearConfig::new(2, 64).init(&device),
-        l2: LinearConfig::new(64, 3).init(&device),
-        sam: SamHandle::new(&SamConfig::vsam(steps_per_epoch))?,
-    };
+    let model = Model { l1: LinearConfig::new(2, 64).init(&device), l2: LinearConfig::new(64, 3).init(&device) };
+    let model = SamModel::new(model, &SamConfig::vsam(steps_per_epoch))?;
     let checkpoints = checkpoint_set(dir).writer()?;
     let result = SupervisedTraining::new(dir, train, valid)
         .num_epochs(epochs)
         .metrics((AccuracyMetric::new(), LossMetric::new()))
         .metric_train_numeric(SamFractionMetric::new())
-        .with_sam_checkpointing(&checkpoints, &model.sam, KeepLastNCheckpoints::new(2))
+        .with_sam_checkpointing(&checkpoints, model.sam(), KeepLastNCheckpoints::new(2))
         // README:end
         // Outside a terminal, plain lines instead of a dump of Burn's progress for every batch.
         .plain_output_unless_terminal()
@@ -138,7 +134,7 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
     if let Some(error) = result.error {
         return Err(format!("training failed: {error}").into());
     }
-    let telemetry = result.model.sam.telemetry();
+    let telemetry = result.model.telemetry();
     println!(
         "{} steps, SAM fraction {:.2}, {:.2} gradient passes per step; metrics and checkpoints in {}",
         telemetry.step,

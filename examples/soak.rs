@@ -80,7 +80,7 @@ fn soak(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             after_warmup = rss_mib();
         }
         if step % 5_000 == 0 || step == args.steps {
-            let record = optim.engine().to_record();
+            let record = optim.to_record().engine;
             println!(
                 "step {step:>6}: RSS {:.1} MiB, cached tensors {}, SAM fraction {:.3}, quota {:.1}, {:.1} s",
                 rss_mib().unwrap_or(f64::NAN),

@@ -9,8 +9,9 @@ use burn::grad_clipping::GradientClippingConfig;
 use burn::module::ParamGroup;
 use burn::optim::{AdamConfig, AdamWConfig, ModuleOptimizer, SgdConfig};
 use burn::tensor::Bytes;
+use burn_sam_sample::advanced::SamEngine;
 use burn_sam_sample::policy::{GatePolicy, VariationConfig};
-use burn_sam_sample::{SamConfig, SamEngine, SamOptimizerRecord};
+use burn_sam_sample::{SamConfig, SamOptimizerRecord};
 use burn_sam_sample_tests::{device, hand_driven_step, params, random_batch, random_mlp, train_steps, Mlp};
 
 const LR: f64 = 0.05;

@@ -2,9 +2,10 @@
 //! it says.
 
 use burn::optim::{decay::WeightDecayConfig, momentum::MomentumConfig, GradientsParams, ModuleOptimizer, SgdConfig};
+use burn_sam_sample::advanced::SamEngine;
 use burn_sam_sample::policy::GatePolicy;
 use burn_sam_sample::reuse::ReusePolicy;
-use burn_sam_sample::{SamConfig, SamEngine};
+use burn_sam_sample::SamConfig;
 use burn_sam_sample_tests::{
     device, hand_driven_step, hand_written_sam, params, random_batch, random_mlp, values, Mlp,
 };
@@ -116,9 +117,7 @@ fn an_abandoned_pass_leaves_the_next_step_as_in_a_fresh_run() {
             let pass = engine.first_pass(&model, GradientsParams::from_grads(loss.backward(), &model), &loss);
             assert!(pass.is_sam());
         }
-        let loss = model.loss(&x, &y);
-        let grads = GradientsParams::from_grads(loss.backward(), &model);
-        let (direction, telemetry) = engine.first_pass(&model, grads, &loss).run(&model, |m| m.loss(&x, &y));
+        let (direction, telemetry) = hand_driven_step(&mut engine, &model, &x, &y);
         (values(direction.get::<2>(model.l1.weight.id).unwrap()), telemetry.step, telemetry.rounds)
     };
     assert_eq!(run(true), run(false));
@@ -142,4 +141,51 @@ fn telemetry_counts_passes_and_fraction() {
     assert_eq!(t.sam_fraction, 0.25);
     assert_eq!(t.passes_per_step(), 1.25);
     assert!(t.psf_norm.unwrap() > 0.0 && t.psf_ratio.unwrap() > 0.0);
+}
+
+/// The docs' promise about host reads, counted: one per SAM step and none per cheap step (the
+/// non-finite counts of cheap steps ride along with the next SAM step's read); AE-SAM reads its
+/// lagged ‖g‖² once per cheap step besides; `sync_telemetry` reads only when there is a count.
+#[test]
+fn host_reads_are_one_per_sam_step_and_none_per_cheap_step() {
+    let device = device();
+    let (x, y) = random_batch(&device, 4);
+    for (config, extra_per_cheap) in [
+        (SamConfig::sam(), 0),
+        (SamConfig::look_sam(4, 0.7), 0),
+        (SamConfig::vsam(3), 0),
+        (SamConfig::rst(0.3).with_seed(5), 0),
+        (SamConfig::base_only(), 0),
+        (SamConfig::ae_sam(40), 1),
+    ] {
+        let name = config.policy.name();
+        let mut sam = config.init(base()).unwrap();
+        let mut model = random_mlp(&device, 3);
+        let mut reads = 0u64;
+        for _ in 0..40 {
+            let (next, out) = sam.step(LR, model, |m: &Mlp| (m.loss(&x, &y), ()));
+            model = next;
+            let t = out.telemetry;
+            let expected = if t.sam { 1 } else { 0 };
+            // AE-SAM's lagged read happens when the step after a cheap one is planned.
+            assert!(
+                t.host_reads >= reads + expected && t.host_reads <= reads + expected + extra_per_cheap,
+                "{name}: {} reads after {reads}, SAM step {}",
+                t.host_reads,
+                t.sam
+            );
+            reads = t.host_reads;
+        }
+        let t = sam.telemetry();
+        let cheap = t.step - t.sam_steps;
+        if extra_per_cheap == 0 {
+            assert_eq!(t.host_reads, t.sam_steps, "{name}: {t:?}");
+        } else {
+            assert!(t.host_reads >= t.sam_steps + cheap.saturating_sub(1), "{name}: {t:?}");
+        }
+        // The guard's counts of finite cheap steps are on the device: one read to sync them.
+        let synced = sam.sync_telemetry();
+        assert!(synced.host_reads <= t.host_reads + 1, "{name}: {synced:?}");
+        assert_eq!(sam.sync_telemetry().host_reads, synced.host_reads, "{name}: nothing left to read");
+    }
 }

@@ -22,7 +22,7 @@ use burn::tensor::activation::relu;
 use burn::train::checkpoint::KeepLastNCheckpoints;
 use burn::train::{ClassificationOutput, InferenceStep, Learner, SupervisedTraining, TrainOutput, TrainStep};
 use burn_sam_sample::learner::{
-    checkpoint_set, verify_checkpoint, EpochBatcher, EpochLoader, SamHandle, SamOutput, SamTrainingExt,
+    checkpoint_set, verify_checkpoint, EpochBatcher, EpochLoader, SamModel, SamTrainingExt,
 };
 use burn_sam_sample::policy::{GatePolicy, VariationConfig};
 use burn_sam_sample::{SamConfig, SamOptimizer, SamOptimizerRecord};
@@ -99,8 +99,6 @@ struct DropNet {
     l1: Linear,
     dropout: Dropout,
     l2: Linear,
-    #[module(skip)]
-    sam: SamHandle,
 }
 
 impl DropNet {
@@ -112,12 +110,7 @@ impl DropNet {
             layer.bias = Some(Param::from_tensor(weights(seed + 100, cols).mul_scalar(0.5)));
             layer
         };
-        Self {
-            l1: layer(10, 2, 32),
-            dropout: DropoutConfig::new(0.3).init(),
-            l2: layer(11, 32, 3),
-            sam: SamHandle::new(&config()).expect("valid configuration"),
-        }
+        Self { l1: layer(10, 2, 32), dropout: DropoutConfig::new(0.3).init(), l2: layer(11, 32, 3) }
     }
 
     fn classify(&self, batch: Batch) -> ClassificationOutput {
@@ -129,13 +122,12 @@ impl DropNet {
 
 impl TrainStep for DropNet {
     type Input = Batch;
-    type Output = SamOutput<ClassificationOutput>;
+    type Output = ClassificationOutput;
 
-    fn step(&self, batch: Batch) -> TrainOutput<Self::Output> {
-        self.sam.train_step(self, batch, DropNet::classify)
+    fn step(&self, batch: Batch) -> TrainOutput<ClassificationOutput> {
+        let out = self.classify(batch);
+        TrainOutput::new(self, out.loss.backward(), out)
     }
-
-    burn_sam_sample::sam_optimize!(sam);
 }
 
 impl InferenceStep for DropNet {
@@ -198,8 +190,8 @@ fn custom_loop_resumes_exactly() {
 
 fn learner_run(dir: &Path, epochs: usize, resume: Option<usize>) -> DropNet {
     let device = device();
-    let model = DropNet::new(&device);
-    let handle = model.sam.clone();
+    let model = SamModel::new(DropNet::new(&device), &config()).unwrap();
+    let handle = model.sam().clone();
     let train: Arc<dyn DataLoader<Batch>> = Arc::new(train_loader(&device, resume.map_or(1, |e| e + 1)));
     let valid = DataLoaderBuilder::new(NoisyBatcher::default()).batch_size(BATCH).build(dataset(32, 2));
     let mut training = SupervisedTraining::new(dir, train, valid)
@@ -212,7 +204,8 @@ fn learner_run(dir: &Path, epochs: usize, resume: Option<usize>) -> DropNet {
     }
     let result = training.launch(Learner::new(model, base(), LR));
     assert!(result.error.is_none(), "{:?}", result.error);
-    result.model
+    let _ = handle;
+    result.model.into_inner()
 }
 
 fn learner_resumes_exactly() {

@@ -9,10 +9,11 @@ use std::sync::{Arc, Mutex};
 use burn::data::dataloader::batcher::Batcher;
 use burn::data::dataloader::{DataLoader, DataLoaderBuilder};
 use burn::data::dataset::InMemDataset;
+use burn::lr_scheduler::module_lr_scheduler::ModuleLearningRate;
 use burn::module::Module;
 use burn::nn::loss::CrossEntropyLossConfig;
 use burn::nn::{Linear, LinearConfig};
-use burn::optim::{momentum::MomentumConfig, ModuleOptimizer, SgdConfig};
+use burn::optim::{momentum::MomentumConfig, GradientsParams, ModuleOptimizer, MultiGradientsParams, SgdConfig};
 use burn::prelude::*;
 use burn::tensor::activation::relu;
 use burn::train::checkpoint::KeepLastNCheckpoints;
@@ -22,8 +23,8 @@ use burn::train::{
     TrainStep,
 };
 use burn_sam_sample::learner::{
-    checkpoint_set, verify_checkpoint, GradientPassesMetric, PsfRatioMetric, SamFractionMetric, SamHandle, SamOutput,
-    SamQuotaMetric, SamTargetMetric, SamTrainingExt,
+    checkpoint_set, verify_checkpoint, GradientPassesMetric, PsfRatioMetric, SamFractionMetric, SamHandle, SamModel,
+    SamOutput, SamQuotaMetric, SamTargetMetric, SamTrainingExt,
 };
 use burn_sam_sample::policy::{GatePolicy, VariationConfig};
 use burn_sam_sample::SamConfig;
@@ -78,21 +79,72 @@ fn loaders() -> (Loader, Loader) {
     (train, valid)
 }
 
-/// A user's model: the SAM handle and two test probes live in skipped fields.
+/// A user's model, with Burn's own train and inference steps; it counts its forward calls.
 #[derive(Module, Debug)]
 struct Net {
     l1: Linear,
     l2: Linear,
     #[module(skip)]
-    sam: SamHandle,
-    #[module(skip)]
     forward_calls: Arc<AtomicUsize>,
+}
+
+/// The Learner model of these tests: the user's model wrapped for SAM, plus a probe that records
+/// each train step's gate decision.
+#[derive(Module, Debug)]
+struct Probe {
+    sam: SamModel<Net>,
     #[module(skip)]
     decisions: Arc<Mutex<Vec<bool>>>,
 }
 
-impl Net {
+impl Probe {
     fn new(device: &Device, config: &SamConfig) -> Self {
+        Self::wrap(SamModel::new(Net::new(device), config).unwrap())
+    }
+
+    fn wrap(sam: SamModel<Net>) -> Self {
+        Self { sam, decisions: Arc::default() }
+    }
+
+    fn handle(&self) -> SamHandle {
+        self.sam.sam().clone()
+    }
+
+    fn net(&self) -> &Net {
+        self.sam.model()
+    }
+}
+
+impl TrainStep for Probe {
+    type Input = Batch;
+    type Output = SamOutput<ClassificationOutput>;
+
+    fn step(&self, batch: Batch) -> TrainOutput<Self::Output> {
+        let out = TrainStep::step(&self.sam, batch);
+        self.decisions.lock().unwrap().push(out.item.telemetry.sam);
+        out
+    }
+
+    fn optimize(self, optim: &mut ModuleOptimizer, lr: ModuleLearningRate, grads: GradientsParams) -> Self {
+        Self { sam: self.sam.optimize(optim, lr, grads), decisions: self.decisions }
+    }
+
+    fn optimize_multi(self, optim: &mut ModuleOptimizer, lr: ModuleLearningRate, grads: MultiGradientsParams) -> Self {
+        Self { sam: self.sam.optimize_multi(optim, lr, grads), decisions: self.decisions }
+    }
+}
+
+impl InferenceStep for Probe {
+    type Input = Batch;
+    type Output = ClassificationOutput;
+
+    fn step(&self, batch: Batch) -> ClassificationOutput {
+        self.net().classify(batch)
+    }
+}
+
+impl Net {
+    fn new(device: &Device) -> Self {
         let weights = |seed: u64, rows: usize, cols: usize| {
             Tensor::<1>::from_floats(normal(seed, rows * cols).as_slice(), device).reshape([rows, cols]).mul_scalar(0.5)
         };
@@ -104,7 +156,7 @@ impl Net {
             layer
         };
         let (l1, l2) = (layer(10, 2, 16), layer(11, 16, 3));
-        Self { l1, l2, sam: SamHandle::new(config).unwrap(), forward_calls: Arc::default(), decisions: Arc::default() }
+        Self { l1, l2, forward_calls: Arc::default() }
     }
 
     fn classify(&self, batch: Batch) -> ClassificationOutput {
@@ -118,19 +170,13 @@ impl Net {
 
 impl TrainStep for Net {
     type Input = Batch;
-    type Output = SamOutput<ClassificationOutput>;
+    type Output = ClassificationOutput;
 
-    fn step(&self, batch: Batch) -> TrainOutput<Self::Output> {
-        let out = self.sam.train_step_with_loss(self, batch, |model, batch| {
-            model.forward_calls.fetch_add(1, Ordering::SeqCst);
-            let out = model.classify(batch);
-            (out.loss.clone(), out)
-        });
-        self.decisions.lock().unwrap().push(out.item.telemetry.sam);
-        out
+    fn step(&self, batch: Batch) -> TrainOutput<ClassificationOutput> {
+        self.forward_calls.fetch_add(1, Ordering::SeqCst);
+        let out = self.classify(batch);
+        TrainOutput::new(self, out.loss.backward(), out)
     }
-
-    burn_sam_sample::sam_optimize!(sam);
 }
 
 impl InferenceStep for Net {
@@ -152,7 +198,7 @@ fn vsam() -> SamConfig {
 }
 
 /// [`training`] with the SAM checkpoint sets of `dir`, keeping the last `keep`.
-fn checkpointed(dir: &Path, epochs: usize, handle: &SamHandle, keep: usize) -> SupervisedTraining<Net> {
+fn checkpointed(dir: &Path, epochs: usize, handle: &SamHandle, keep: usize) -> SupervisedTraining<Probe> {
     training(dir, epochs).with_sam_checkpointing(
         &checkpoint_set(dir).writer().unwrap(),
         handle,
@@ -160,7 +206,7 @@ fn checkpointed(dir: &Path, epochs: usize, handle: &SamHandle, keep: usize) -> S
     )
 }
 
-fn training(dir: &Path, epochs: usize) -> SupervisedTraining<Net> {
+fn training(dir: &Path, epochs: usize) -> SupervisedTraining<Probe> {
     let (train, valid) = loaders();
     SupervisedTraining::new(dir, train, valid)
         .num_epochs(epochs)
@@ -193,7 +239,7 @@ fn logged_values(dir: &Path, epoch: usize, metric: &str) -> Vec<f64> {
     logged(dir, epoch, metric).0
 }
 
-fn weight_bits(model: &Net) -> Vec<Vec<u32>> {
+fn weight_bits<M: Module>(model: &M) -> Vec<Vec<u32>> {
     params(model).into_iter().map(|(_, v)| v.into_iter().map(f32::to_bits).collect()).collect()
 }
 
@@ -201,8 +247,8 @@ fn weight_bits(model: &Net) -> Vec<Vec<u32>> {
 fn two_epochs_log_sam_metrics_that_match_the_passes_run() {
     let dir = tempfile::tempdir().unwrap();
     let device = device();
-    let model = Net::new(&device, &vsam());
-    let (calls, decisions, handle) = (model.forward_calls.clone(), model.decisions.clone(), model.sam.clone());
+    let model = Probe::new(&device, &vsam());
+    let (calls, decisions, handle) = (model.net().forward_calls.clone(), model.decisions.clone(), model.handle());
     let result = training(dir.path(), 2).launch(Learner::new(model, base(), LR));
     assert!(result.error.is_none(), "{:?}", result.error);
 
@@ -233,15 +279,15 @@ fn two_epochs_log_sam_metrics_that_match_the_passes_run() {
 fn resuming_from_a_checkpoint_is_exact() {
     let device = device();
     let straight_dir = tempfile::tempdir().unwrap();
-    let straight = Net::new(&device, &vsam());
+    let straight = Probe::new(&device, &vsam());
     let straight_decisions = straight.decisions.clone();
-    let handle = straight.sam.clone();
+    let handle = straight.handle();
     let straight = checkpointed(straight_dir.path(), 3, &handle, 3).launch(Learner::new(straight, base(), LR)).model;
 
     let dir = tempfile::tempdir().unwrap();
-    let first = Net::new(&device, &vsam());
+    let first = Probe::new(&device, &vsam());
     let mut decisions = first.decisions.clone();
-    let handle = first.sam.clone();
+    let handle = first.handle();
     checkpointed(dir.path(), 2, &handle, 3).launch(Learner::new(first, base(), LR));
     let mut all = decisions.lock().unwrap().clone();
 
@@ -252,9 +298,9 @@ fn resuming_from_a_checkpoint_is_exact() {
     assert!(err.to_string().contains("checkpoint 2") && err.to_string().contains("reuse rule"), "{err}");
     let err = verify_checkpoint(&checkpoint_set(dir.path()), 5, 6, &vsam()).unwrap_err();
     assert!(err.to_string().contains("model-5.bpk"), "{err}");
-    let fresh = Net::new(&device, &vsam());
+    let fresh = Probe::new(&device, &vsam());
     decisions = fresh.decisions.clone();
-    let handle = fresh.sam.clone();
+    let handle = fresh.handle();
     let resumed = training(dir.path(), 3)
         .checkpoint(2)
         .with_sam_checkpointing(&checkpoint_set(dir.path()).writer().unwrap(), &handle, KeepLastNCheckpoints::new(3))
@@ -271,9 +317,9 @@ fn resuming_from_a_checkpoint_is_exact() {
 
 /// Trains `epochs` epochs (resuming from `resume` when given) in `dir`; returns the decisions
 /// of this launch and the final model.
-fn run_with_checkpoints(dir: &Path, epochs: usize, resume: Option<usize>) -> (Vec<bool>, Net) {
-    let model = Net::new(&device(), &vsam());
-    let (decisions, handle) = (model.decisions.clone(), model.sam.clone());
+fn run_with_checkpoints(dir: &Path, epochs: usize, resume: Option<usize>) -> (Vec<bool>, Probe) {
+    let model = Probe::new(&device(), &vsam());
+    let (decisions, handle) = (model.decisions.clone(), model.handle());
     let mut training = checkpointed(dir, epochs, &handle, 8);
     if let Some(epoch) = resume {
         training = training.checkpoint(epoch);
@@ -305,8 +351,8 @@ fn many_short_multi_device_runs_neither_race_nor_deadlock() {
             let dir = tempfile::tempdir().unwrap();
             let device = device();
             let config = SamConfig::rst(0.5).with_seed(run);
-            let model = Net::new(&device, &config);
-            let (decisions, handle) = (model.decisions.clone(), model.sam.clone());
+            let model = Probe::new(&device, &config);
+            let (decisions, handle) = (model.decisions.clone(), model.handle());
             let strategy =
                 ExecutionStrategy::multi(vec![device.clone(), device.clone()], MultiDeviceOptim::OptimMainDevice);
             let result = training(dir.path(), 1)
@@ -330,34 +376,30 @@ fn many_short_multi_device_runs_neither_race_nor_deadlock() {
 }
 
 #[test]
-fn a_checkpoint_without_the_wrapped_strategy_fails_loudly() {
+fn checkpointers_installed_after_sam_checkpointing_stop_the_run() {
     let dir = tempfile::tempdir().unwrap();
-    let device = device();
-    let model = Net::new(&device, &vsam());
-    let handle = model.sam.clone();
-    let checkpoints = dir.path().join("checkpoint");
-    let result = training(dir.path(), 1)
-        .with_custom_checkpointers(
-            burn::train::checkpoint::FileCheckpointer::new(&checkpoints, "model"),
-            burn_sam_sample::learner::SamCheckpointer::new(&checkpoints, "optim", &handle),
-            burn::train::checkpoint::FileCheckpointer::new(&checkpoints, "scheduler"),
-        )
-        .with_checkpointing_strategy(KeepLastNCheckpoints::new(1))
-        .launch(Learner::new(model, base(), LR));
+    let model = Probe::new(&device(), &vsam());
+    let handle = model.handle();
+    // Burn's default checkpointers replace SAM's optimizer checkpointer: its files would hold no
+    // SAM state. The third checkpoint finds the first one's state never written and stops.
+    let result =
+        checkpointed(dir.path(), 4, &handle, 4).with_default_checkpointers().launch(Learner::new(model, base(), LR));
     let error = result.error.map(|e| e.to_string()).unwrap_or_default();
-    assert!(error.contains("no SAM snapshot for epoch 1"), "{error:?}");
+    assert!(error.contains("never written") && error.contains("with_sam_checkpointing"), "{error:?}");
+    assert!(handle.failure().is_some());
+    assert!(!dir.path().join("checkpoint").join("model-3.bpk").exists(), "the third checkpoint was not written");
 }
 
 #[test]
 fn the_always_gate_in_the_learner_is_the_custom_loop_sam() {
     let dir = tempfile::tempdir().unwrap();
     let device = device();
-    let model = Net::new(&device, &SamConfig::sam());
+    let model = Probe::new(&device, &SamConfig::sam());
     let initial = model.clone();
     let learned = training(dir.path(), 1).launch(Learner::new(model, base(), LR)).model;
 
     let mut optim = SamConfig::sam().init(base()).unwrap();
-    let mut model = Net { sam: SamHandle::new(&SamConfig::sam()).unwrap(), ..initial };
+    let mut model = initial.net().clone();
     let (train, _) = loaders();
     for batch in train.to_device(&device).iter() {
         let batch = batch.unwrap();
@@ -381,8 +423,8 @@ fn gradient_accumulation_shares_one_decision_per_optimizer_step() {
     let dir = tempfile::tempdir().unwrap();
     let device = device();
     let config = SamConfig::rst(0.5).with_seed(3);
-    let model = Net::new(&device, &config);
-    let (decisions, handle) = (model.decisions.clone(), model.sam.clone());
+    let model = Probe::new(&device, &config);
+    let (decisions, handle) = (model.decisions.clone(), model.handle());
     let result = training(dir.path(), 2).grads_accumulation(2).launch(Learner::new(model, base(), LR));
     assert!(result.error.is_none());
     let decisions = decisions.lock().unwrap().clone();
@@ -396,8 +438,8 @@ fn gradient_accumulation_shares_one_decision_per_optimizer_step() {
 fn two_cpu_devices_take_the_same_decision_each_step() {
     let dir = tempfile::tempdir().unwrap();
     let device = device();
-    let model = Net::new(&device, &vsam());
-    let (decisions, handle) = (model.decisions.clone(), model.sam.clone());
+    let model = Probe::new(&device, &vsam());
+    let (decisions, handle) = (model.decisions.clone(), model.handle());
     let strategy = ExecutionStrategy::multi(vec![device.clone(), device.clone()], MultiDeviceOptim::OptimMainDevice);
     let result =
         training(dir.path(), 2).with_training_strategy(strategy.into()).launch(Learner::new(model, base(), LR));
@@ -417,9 +459,8 @@ fn two_cpu_devices_take_the_same_decision_each_step() {
 /// first all-reduce panics ("Can't use `all_reduce` on wgpu<wgsl>, which has no transport between
 /// its devices"). See docs/learner.md.
 #[allow(dead_code)]
-fn ddp_training(dir: &Path, devices: Vec<Device>) -> (SupervisedTraining<Net>, Learner<Net>) {
-    let model =
-        Net { sam: SamHandle::per_replica(&vsam()).unwrap(), ..Net::new(&devices[0].clone().autodiff(), &vsam()) };
+fn ddp_training(dir: &Path, devices: Vec<Device>) -> (SupervisedTraining<Probe>, Learner<Probe>) {
+    let model = Probe::wrap(SamModel::per_replica(Net::new(&devices[0].clone().autodiff()), &vsam()).unwrap());
     let config = burn::tensor::distributed::DistributedConfig {
         all_reduce_op: burn::tensor::distributed::ReduceOperation::Mean,
     };
@@ -431,11 +472,11 @@ fn ddp_training(dir: &Path, devices: Vec<Device>) -> (SupervisedTraining<Net>, L
 #[should_panic(expected = "autodiff device")]
 fn a_model_off_the_autodiff_device_is_told_what_to_change() {
     let plain = device().inner();
-    let net = Net::new(&plain, &SamConfig::sam());
+    let net = Probe::new(&plain, &SamConfig::sam());
     let (train, _) = loaders();
     let batch = train.iter().next().unwrap().unwrap();
     let batch = Batch { x: batch.x.to_device(&plain), y: batch.y.to_device(&plain) };
-    let _ = net.sam.train_step(&net, batch, Net::classify);
+    let _ = TrainStep::step(&net, batch);
 }
 
 #[test]
@@ -444,8 +485,8 @@ fn checkpoint_sets_are_sealed_and_incomplete_or_damaged_ones_are_refused() {
     let folder = dir.path().join("checkpoint");
     std::fs::create_dir_all(&folder).unwrap();
     std::fs::write(folder.join("model-9.bpk.4242-0.tmp"), "left by a killed run").unwrap();
-    let model = Net::new(&device(), &vsam());
-    let handle = model.sam.clone();
+    let model = Probe::new(&device(), &vsam());
+    let handle = model.handle();
     let result = checkpointed(dir.path(), 3, &handle, 2).launch(Learner::new(model, base(), LR));
     assert!(result.error.is_none(), "{:?}", result.error);
     assert!(!folder.join("model-9.bpk.4242-0.tmp").exists(), "stale temporary files are removed");
@@ -480,8 +521,8 @@ fn a_restored_state_that_does_not_fit_is_refused_before_training_and_never_panic
     // set and the set re-sealed, so every checksum is valid.
     let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     for dir in [&a, &b] {
-        let model = Net::new(&device(), &vsam());
-        let handle = model.sam.clone();
+        let model = Probe::new(&device(), &vsam());
+        let handle = model.handle();
         let result = checkpointed(dir.path(), 2, &handle, 3).launch(Learner::new(model, base(), LR));
         assert!(result.error.is_none(), "{:?}", result.error);
     }
@@ -492,8 +533,8 @@ fn a_restored_state_that_does_not_fit_is_refused_before_training_and_never_panic
     assert!(err.contains("knows parameter") && err.contains("model-2.bpk"), "{err}");
 
     // A program that skips the check: the run stops with the error, no panic, nothing trained.
-    let model = Net::new(&device(), &vsam());
-    let (handle, decisions) = (model.sam.clone(), model.decisions.clone());
+    let model = Probe::new(&device(), &vsam());
+    let (handle, decisions) = (model.handle(), model.decisions.clone());
     let result = training(a.path(), 3)
         .checkpoint(2)
         .with_sam_checkpointing(&a_set.writer().unwrap(), &handle, KeepLastNCheckpoints::new(3))
@@ -508,8 +549,8 @@ fn a_restored_state_that_does_not_fit_is_refused_before_training_and_never_panic
 #[test]
 fn a_resume_with_nothing_left_to_train_is_an_error_naming_both_numbers() {
     let dir = tempfile::tempdir().unwrap();
-    let model = Net::new(&device(), &vsam());
-    let handle = model.sam.clone();
+    let model = Probe::new(&device(), &vsam());
+    let handle = model.handle();
     checkpointed(dir.path(), 2, &handle, 3).launch(Learner::new(model, base(), LR));
     // Burn's default is one epoch: `.checkpoint(2)` without `.num_epochs(..)` would train nothing.
     let err = verify_checkpoint(&checkpoint_set(dir.path()), 2, 1, &vsam()).unwrap_err().to_string();
@@ -518,9 +559,9 @@ fn a_resume_with_nothing_left_to_train_is_an_error_naming_both_numbers() {
 }
 
 /// Share of `items` the model classifies right.
-fn accuracy(model: &Net, items: &[Item], device: &Device) -> f64 {
+fn accuracy(model: &Probe, items: &[Item], device: &Device) -> f64 {
     let batch = ItemBatcher.batch(items.to_vec(), device);
-    let predicted = model.classify(batch.clone()).output.argmax(1).flatten::<1>(0, 1);
+    let predicted = model.net().classify(batch.clone()).output.argmax(1).flatten::<1>(0, 1);
     let right = predicted.equal(batch.y).int().sum().into_scalar::<i64>();
     right as f64 / items.len() as f64
 }
@@ -535,15 +576,15 @@ fn a_bf16_model_learns_the_task_in_the_learner() {
     let mut accuracies = Vec::new();
     for dtype in [burn::tensor::DType::F32, burn::tensor::DType::BF16] {
         let dir = tempfile::tempdir().unwrap();
-        let model = cast_module(Net::new(&device, &vsam()), dtype);
+        let model = cast_module(Probe::new(&device, &vsam()), dtype);
         let before = accuracy(&model, &valid, &device);
-        let handle = model.sam.clone();
+        let handle = model.handle();
         let strategy = ExecutionStrategy::SingleDevice(device.clone());
         let result =
             training(dir.path(), 4).with_training_strategy(strategy.into()).launch(Learner::new(model, base(), LR));
         assert!(result.error.is_none(), "{dtype:?}: {:?}", result.error);
         let model = result.model;
-        assert_eq!(model.l1.weight.val().dtype(), dtype, "the parameters stay {dtype:?}");
+        assert_eq!(model.net().l1.weight.val().dtype(), dtype, "the parameters stay {dtype:?}");
         let telemetry = handle.telemetry();
         assert!(telemetry.sam_steps > 0 && telemetry.sam_steps < telemetry.step, "{dtype:?}: {telemetry:?}");
         let after = accuracy(&model, &valid, &device);

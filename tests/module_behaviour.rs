@@ -3,9 +3,10 @@
 
 use burn::module::Module;
 use burn::optim::{GradientsParams, SgdConfig};
+use burn_sam_sample::advanced::{Pass, SamEngine};
 use burn_sam_sample::policy::GatePolicy;
 use burn_sam_sample::reuse::ReusePolicy;
-use burn_sam_sample::{Pass, SamConfig, SamEngine};
+use burn_sam_sample::SamConfig;
 use burn_sam_sample_tests::{device, params, random_batch, random_mlp, BnNet, Mlp};
 
 fn first_and_perturbed(model: &Mlp, engine: &mut SamEngine) -> Mlp {
@@ -95,7 +96,7 @@ fn a_nan_gradient_leaves_the_cache_finite_and_zeroes_the_update() {
     let fine = |m: &Mlp| (m.loss(&x, &y), ());
 
     model = sam.step(0.1, model, fine).0; // SAM step: caches a PSF
-    let cache_before = sam.engine().to_record();
+    let cache_before = sam.to_record().engine;
     let weights = params(&model);
     let (next, out) = sam.step(0.1, model, poison); // cheap step, NaN
     model = next;
@@ -108,7 +109,7 @@ fn a_nan_gradient_leaves_the_cache_finite_and_zeroes_the_update() {
     assert_eq!(out.telemetry.non_finite_steps, 2, "the cheap step is counted at the SAM step");
     assert!(params(&model).iter().all(|(_, v)| v.iter().all(|x| x.is_finite())));
 
-    let cache_after = sam.engine().to_record();
+    let cache_after = sam.to_record().engine;
     assert_eq!(cache_after.cached_tensors(), cache_before.cached_tensors());
     for ((id_a, a), (id_b, b)) in cache_before.cache().iter().zip(cache_after.cache()) {
         assert_eq!(id_a, id_b);
@@ -121,7 +122,7 @@ fn a_nan_gradient_leaves_the_cache_finite_and_zeroes_the_update() {
         model = sam.step(0.1, model, fine).0;
     }
     assert!(params(&model).iter().all(|(_, v)| v.iter().all(|x| x.is_finite())));
-    assert_eq!(sam.engine_mut().sync_telemetry().non_finite_steps, 2);
+    assert_eq!(sam.sync_telemetry().non_finite_steps, 2);
 }
 
 #[test]

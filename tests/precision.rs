@@ -180,7 +180,7 @@ fn every_method_trains_a_bf16_and_an_f16_model() {
                 let (x, y) = &batches[step % batches.len()];
                 model = sam.step(LR, model, |m: &Mlp| (m.loss(x, y), ())).0;
             }
-            let telemetry = sam.engine_mut().sync_telemetry();
+            let telemetry = sam.sync_telemetry();
             let last = mean_loss(&model, &batches);
             assert_eq!(dtypes(&model), vec![dtype; 4], "{name} {dtype:?}: the parameters stay {dtype:?}");
             assert!(params(&model).iter().all(|(_, v)| v.iter().all(|x| x.is_finite())), "{name} {dtype:?}");
@@ -294,7 +294,7 @@ fn an_f16_overflow_storm_leaves_the_cache_finite_and_a_large_norm_is_no_overflow
         let y = if step % 3 == 1 { y.mul_scalar(1000.0) } else { y };
         model = sam.step(LR, model, |m: &Mlp| (m.loss(&x, &y), ())).0;
     }
-    let telemetry = sam.engine_mut().sync_telemetry();
+    let telemetry = sam.sync_telemetry();
     assert!(telemetry.non_finite_steps >= 4, "{telemetry:?}");
     assert!(params(&model).iter().all(|(_, v)| v.iter().all(|x| x.is_finite())), "the weights stay finite");
     let record = sam.to_record();

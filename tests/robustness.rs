@@ -197,10 +197,10 @@ fn nan_storms_leave_cache_and_gate_finite_and_are_counted() {
             assert!(out.telemetry.psf_ratio.is_none_or(f64::is_finite), "{name}");
         }
         assert!(injected > 0);
-        let counters = sam.engine_mut().sync_telemetry();
+        let counters = sam.sync_telemetry();
         assert_eq!(counters.non_finite_steps, injected, "{name}: affected steps counted");
         assert!(params(&model).iter().all(|(_, v)| v.iter().all(|x| x.is_finite())), "{name}: weights");
-        let record = sam.engine().to_record();
+        let record = sam.to_record().engine;
         for (_, data) in record.cache() {
             assert!(data.iter::<f32>().all(f32::is_finite), "{name}: cache");
         }
@@ -333,8 +333,8 @@ fn a_non_finite_second_pass_outside_the_statistics_tail_is_caught() {
             }
         });
         assert!(out.telemetry.sam && out.telemetry.skipped, "{:?}", out.telemetry);
-        assert_eq!(sam.engine_mut().sync_telemetry().non_finite_steps, 1);
+        assert_eq!(sam.sync_telemetry().non_finite_steps, 1);
         assert!(params(&model).iter().all(|(_, v)| v.iter().all(|x| x.is_finite())));
-        assert!(sam.engine().to_record().cache().iter().all(|(_, data)| data.iter::<f32>().all(f32::is_finite)));
+        assert!(sam.to_record().engine.cache().iter().all(|(_, data)| data.iter::<f32>().all(f32::is_finite)));
     }
 }

@@ -28,7 +28,7 @@
 //! Environment: `BURN_SAM_BENCH_BACKEND` (default: flex when compiled in, else ndarray),
 //! `BURN_SAM_BENCH_REPEATS` (default 5), `BURN_SAM_BENCH_JSON` (a file to write the rows to, as
 //! `docs/benchmarks/overhead.json`; an absolute path, since cargo runs benches in the package folder), `BURN_SAM_BENCH_KEEP_MEMORY=1` (call
-//! `backend::keep_freed_memory` first).
+//! `memory::keep_freed_memory` first).
 
 use std::time::{Duration, Instant};
 
@@ -39,7 +39,7 @@ use burn::prelude::*;
 use burn::tensor::Distribution;
 use burn_sam_sample::policy::GatePolicy;
 use burn_sam_sample::reuse::{CachePrecision, ReusePolicy};
-use burn_sam_sample::{backend, SamConfig, SamOptimizer};
+use burn_sam_sample::{backend, memory, SamConfig, SamOptimizer};
 
 #[derive(Module, Debug)]
 struct Mlp {
@@ -155,7 +155,7 @@ fn main() {
             std::process::exit(2);
         }
     };
-    let kept = std::env::var("BURN_SAM_BENCH_KEEP_MEMORY").is_ok_and(|v| v == "1") && backend::keep_freed_memory();
+    let kept = std::env::var("BURN_SAM_BENCH_KEEP_MEMORY").is_ok_and(|v| v == "1") && memory::keep_freed_memory();
     let repeats: usize = std::env::var("BURN_SAM_BENCH_REPEATS").ok().and_then(|v| v.parse().ok()).unwrap_or(5).max(1);
     let sizes: [(&str, Vec<usize>); 3] =
         [("0.1M", vec![256, 256, 256, 10]), ("1M", vec![784, 1024, 256, 10]), ("10M", vec![2048, 2048, 2048, 512, 10])];

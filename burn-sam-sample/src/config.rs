@@ -12,7 +12,11 @@ use crate::reuse::{CachePrecision, ReusePolicy};
 /// steps run the second pass, and what cheap steps reuse.
 ///
 /// The defaults are vSAM as its authors run it: ρ = 0.05, the variation gate
-/// ([`VariationConfig`]) and the decayed PSF reuse (β = 0.7, 6 steps). Presets build the other
+/// ([`VariationConfig`]) and the decayed PSF reuse (β = 0.7, 6 steps). That includes the
+/// authors' all-SAM warm-up of [`VariationConfig::AUTHORS_WARMUP_STEPS`] (1,173) steps, three
+/// CIFAR epochs: **`SamConfig::new()` is plain SAM, at SAM's full cost, for the first 1,173 steps**
+/// and for any run shorter than that. Scale the warm-up to the run with
+/// [`SamConfig::vsam`]`(steps)` (e.g. three epochs of yours). Presets build the other
 /// members of the family: [`SamConfig::sam`], [`SamConfig::asam`], [`SamConfig::look_sam`],
 /// [`SamConfig::ae_sam`], [`SamConfig::rst`] and [`SamConfig::base_only`], and the opt-in
 /// variant [`SamConfig::vsam_trend`].

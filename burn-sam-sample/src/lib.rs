@@ -12,11 +12,11 @@
 //! Layers, from the bottom:
 //! - [`policy`]: the gates, plain Rust over scalars (no tensors), serializable, seeded;
 //! - [`reuse`]: what cheap steps add to their gradient;
-//! - [`SamEngine`]: the state of a run (gate, PSF cache, counts: one value, which is also its
-//!   record) and the step written once ([`Pass`]): plan, passes, commit;
+//! - the engine (private): the state of a run (gate, PSF cache, counters: one value, which is
+//!   also its record, [`EngineRecord`]) and the step's tensor work, as plain functions;
 //! - [`SamOptimizer`]: the engine plus a base optimizer, with a closure `step` for custom loops;
-//! - [`learner`] (feature `train`): the same step inside Burn's `Learner`, its checkpointers
-//!   and [`learner::EpochLoader`] for exact resume;
+//! - [`learner`] (feature `train`): [`learner::SamModel`] runs the same step inside Burn's
+//!   `Learner`; its checkpointers and [`learner::EpochLoader`] for exact resume;
 //! - [`checkpoint`]: crash-consistent checkpoint sets, for the Learner and for custom loops.
 //!
 //! Start with [`SamConfig`].
@@ -29,18 +29,27 @@ mod engine;
 mod error;
 #[cfg(feature = "train")]
 pub mod learner;
+pub mod memory;
 mod optimizer;
 pub mod policy;
 pub mod reuse;
 mod telemetry;
 
 pub use config::SamConfig;
-pub use engine::{CheapPass, EngineRecord, Pass, SamEngine, SamPass};
+pub use engine::EngineRecord;
 pub use error::{Result, SamError};
 pub use optimizer::{SamOptimizer, SamOptimizerRecord, StepOutput};
 pub use telemetry::StepTelemetry;
 
 pub use burn;
+
+/// The step driven by hand, for programs that cannot hand [`SamOptimizer::step`] a closure:
+/// [`SamEngine::first_pass`](advanced::SamEngine::first_pass) returns a SAM pass (run the second
+/// pass on its perturbed module, then finish it) or a cheap one. Most programs do not need it.
+pub mod advanced {
+    pub use crate::engine::hand::{CheapPass, Pass, SamPass};
+    pub use crate::engine::SamEngine;
+}
 
 /// The README's code blocks, compiled and run as doc tests.
 #[cfg(doctest)]

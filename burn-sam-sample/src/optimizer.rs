@@ -1,4 +1,4 @@
-//! The custom-loop optimizer: a [`SamEngine`] in front of any Burn base optimizer.
+//! The custom-loop optimizer: the engine in front of any Burn base optimizer.
 
 use burn::lr_scheduler::module_lr_scheduler::ModuleLearningRate;
 use burn::module::Module;
@@ -8,8 +8,9 @@ use burn_pack::Reader;
 
 use crate::config::SamConfig;
 use crate::container::{self, Sealed, Tensors};
-use crate::engine::{EngineRecord, SamEngine};
+use crate::engine::{step, EngineRecord, SamEngine};
 use crate::error::{Result, SamError};
+use crate::policy::Gate;
 use crate::telemetry::StepTelemetry;
 
 const BASE_KEY: &str = "burn-sam-sample.base-optimizer";
@@ -73,25 +74,36 @@ impl SamOptimizer {
     {
         let (loss, output) = closure(&module);
         let grads = GradientsParams::from_grads(loss.backward(), &module);
-        let (direction, telemetry) =
-            self.engine.first_pass(&module, grads, &loss).run(&module, |perturbed| closure(perturbed).0);
+        // The gate decides; on a SAM step the closure runs again on w + ε.
+        let plan = self.engine.plan();
+        let (direction, contribution) = step::run(&plan, &module, grads, &loss, |perturbed| {
+            let second_loss = closure(perturbed).0;
+            GradientsParams::from_grads(second_loss.backward(), perturbed)
+        });
+        let telemetry = self.engine.commit(contribution);
         let module = self.base.step(lr, module, direction);
         (module, StepOutput { loss, output, telemetry })
     }
 
-    /// What the last step did and the totals so far.
+    /// What the last step did and the totals so far. Reads nothing from the device.
     pub fn telemetry(&self) -> StepTelemetry {
         self.engine.telemetry()
     }
 
-    /// The engine (gate, cache, counts).
-    pub fn engine(&self) -> &SamEngine {
-        &self.engine
+    /// The telemetry with the non-finite cheap steps counted on the device since the last SAM
+    /// step (one host read when there are any; see [`StepTelemetry::non_finite_steps`]).
+    pub fn sync_telemetry(&mut self) -> StepTelemetry {
+        self.engine.sync_telemetry()
     }
 
-    /// The engine, mutably (e.g. to [`sync_telemetry`](SamEngine::sync_telemetry)).
-    pub fn engine_mut(&mut self) -> &mut SamEngine {
-        &mut self.engine
+    /// The configuration this optimizer runs.
+    pub fn config(&self) -> &SamConfig {
+        self.engine.config()
+    }
+
+    /// The gate, for inspection (its rule's state, quota and counts).
+    pub fn gate(&self) -> &Gate {
+        self.engine.gate()
     }
 
     /// The base optimizer.

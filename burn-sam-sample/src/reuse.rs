@@ -4,7 +4,7 @@
 //! cache is kept, and in which precision, is [`CachePrecision`].
 
 use burn::config::Config;
-use burn::tensor::{DType, Device};
+use burn::tensor::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Result, SamError};
@@ -69,6 +69,46 @@ impl ReusePolicy {
             Self::None => "none",
             Self::DecayedPsf { .. } => "decayed-psf",
             Self::LookSam { .. } => "look-sam",
+        }
+    }
+
+    /// Whether a cheap step needs ‖g‖ (LookSAM matches the cache's norm to it).
+    pub(crate) fn needs_grad_norm(&self) -> bool {
+        matches!(self, Self::LookSam { .. })
+    }
+
+    /// Whether a SAM step forms the PSF of every tensor (vSAM caches it); otherwise only the
+    /// statistics' tensors need it.
+    pub(crate) fn needs_full_psf(&self) -> bool {
+        matches!(self, Self::DecayedPsf { .. })
+    }
+
+    /// Whether a SAM step measures ⟨g, g_s⟩ (LookSAM projects g out of g_s).
+    pub(crate) fn needs_dot(&self) -> bool {
+        matches!(self, Self::LookSam { .. })
+    }
+
+    /// Whether the cache keeps its norm, ‖cache‖ (LookSAM).
+    pub(crate) fn keeps_cache_norm(&self) -> bool {
+        matches!(self, Self::LookSam { .. })
+    }
+
+    /// What a successful SAM step caches for one parameter (f32), from g, g_s, the PSF where it
+    /// was formed ([`needs_full_psf`](Self::needs_full_psf)), and ⟨g, g_s⟩/‖g‖² (read on the host
+    /// when [`needs_dot`](Self::needs_dot)); `None` for a rule that caches nothing.
+    pub(crate) fn cache_of(
+        &self,
+        grad: &Tensor<1>,
+        sam_grad: &Tensor<1>,
+        psf: Option<&Tensor<1>>,
+        projection: f64,
+    ) -> Option<Tensor<1>> {
+        match self {
+            Self::None => None,
+            Self::DecayedPsf { .. } => psf.cloned(),
+            Self::LookSam { .. } => {
+                Some(sam_grad.clone().cast(DType::F32) - grad.clone().cast(DType::F32).mul_scalar(projection))
+            }
         }
     }
 
@@ -168,6 +208,43 @@ pub(crate) enum CheapTerm {
     Scaled(f64),
     /// `d = g + α·(‖g‖/‖cache‖)·cache` with this α.
     NormMatched(f64),
+}
+
+/// The weight of the cache in a cheap step's direction `d = g + weight·cache`.
+#[derive(Clone, Debug)]
+pub(crate) enum CacheWeight {
+    /// Known on the host.
+    Scalar(f64),
+    /// A one-element f32 tensor on the device (LookSAM's α·‖g‖/‖cache‖).
+    Device(Tensor<1>),
+}
+
+impl CheapTerm {
+    /// The cache's weight this step, from ‖g‖² and ‖cache‖ (both f32, on the device; nothing is
+    /// read); `None` when the step adds nothing.
+    pub(crate) fn weight(&self, grad_sq: &Tensor<1>, cache_norm: Option<&Tensor<1>>, eps: f64) -> Option<CacheWeight> {
+        match *self {
+            Self::Plain => None,
+            Self::Scaled(weight) => Some(CacheWeight::Scalar(weight)),
+            Self::NormMatched(alpha) => cache_norm.map(|norm| {
+                let norm = norm.clone().to_device(&grad_sq.device()).add_scalar(eps);
+                CacheWeight::Device(grad_sq.clone().sqrt().mul_scalar(alpha).div(norm))
+            }),
+        }
+    }
+}
+
+impl CacheWeight {
+    /// `weight·cached`, on `cached`'s device.
+    pub(crate) fn times(&self, cached: Tensor<1>) -> Tensor<1> {
+        match self {
+            Self::Scalar(weight) => cached.mul_scalar(*weight),
+            Self::Device(weight) => {
+                let device = cached.device();
+                cached * weight.clone().to_device(&device)
+            }
+        }
+    }
 }
 
 #[cfg(test)]

@@ -7,7 +7,8 @@ use serde::{Deserialize, Serialize};
 /// Reading it costs nothing: every field is already on the host.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct StepTelemetry {
-    /// Steps finished so far.
+    /// Train steps finished so far: one per call of `SamOptimizer::step`; in the Learner one
+    /// per micro-batch and device (see [`rounds`](Self::rounds) for optimizer steps).
     pub step: u64,
     /// Whether the last step ran the second pass.
     pub sam: bool,
@@ -34,13 +35,19 @@ pub struct StepTelemetry {
     /// ‖PSF‖/‖g‖ over the last N tensors at the last successful SAM step.
     pub psf_ratio: Option<f64>,
     /// Steps with a non-finite loss or gradient known so far (cheap steps are counted on the
-    /// device and become known at the next SAM step or [`sync_telemetry`](crate::SamEngine::sync_telemetry)).
+    /// device and become known at the next SAM step or [`sync_telemetry`](crate::SamOptimizer::sync_telemetry)).
     pub non_finite_steps: u64,
     /// Bytes the reuse cache occupies now (its tensors in their storage dtype, see
     /// [`CachePrecision`](crate::reuse::CachePrecision)); 0 before the first SAM step and for
     /// rules that cache nothing.
     #[serde(default)]
     pub cache_bytes: u64,
+    /// Device-to-host reads the engine's steps made so far: one per SAM step, none per cheap
+    /// step (AE-SAM: one more per cheap optimizer step, its lagged ‖g‖²), one per
+    /// [`sync_telemetry`](crate::SamOptimizer::sync_telemetry) that had a count to read.
+    /// Records taken for checkpoints read the cache besides and are not counted.
+    #[serde(default)]
+    pub host_reads: u64,
 }
 
 impl StepTelemetry {

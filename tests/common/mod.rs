@@ -215,7 +215,7 @@ pub fn train_steps(
 /// second pass on the perturbed copy when the gate asks for it. Returns the direction for the
 /// base optimizer and the step's telemetry.
 pub fn hand_driven_step(
-    engine: &mut burn_sam_sample::SamEngine,
+    engine: &mut burn_sam_sample::advanced::SamEngine,
     model: &Mlp,
     x: &Tensor<2>,
     y: &Tensor<2>,
@@ -224,12 +224,12 @@ pub fn hand_driven_step(
     let loss = model.loss(x, y);
     let grads = GradientsParams::from_grads(loss.backward(), model);
     match engine.first_pass(model, grads, &loss) {
-        burn_sam_sample::Pass::Sam(pass) => {
+        burn_sam_sample::advanced::Pass::Sam(pass) => {
             let perturbed = pass.perturbed(model);
             let second = GradientsParams::from_grads(perturbed.loss(x, y).backward(), &perturbed);
             pass.finish(model, second)
         }
-        burn_sam_sample::Pass::Cheap(pass) => pass.finish(model),
+        burn_sam_sample::advanced::Pass::Cheap(pass) => pass.finish(model),
     }
 }
 
@@ -267,7 +267,7 @@ pub fn hand_written_sam(
         }
     }
 
-    let on_cpu = burn_sam_sample::backend::runs_on_cpu(device);
+    let on_cpu = is_cpu(device);
     let square_sum = |t: Tensor<1>| {
         let t = t.cast(DType::F32);
         let n = t.dims()[0];
@@ -297,4 +297,20 @@ pub fn hand_written_sam(
         model = optim.step(0.05, model, sam_grads);
     }
     model
+}
+
+/// Whether `device` is a CPU backend's (flex, ndarray), where the engine computes its dot
+/// products as matrix products.
+#[allow(deprecated, unreachable_code)]
+pub fn is_cpu(device: &Device) -> bool {
+    #[cfg(feature = "flex")]
+    if *device == Device::flex() {
+        return true;
+    }
+    #[cfg(feature = "ndarray")]
+    if *device == Device::ndarray() {
+        return true;
+    }
+    let _ = device;
+    false
 }

@@ -1,35 +1,34 @@
-//! The tensor engine shared by every member of the family: the gate decides, the first pass is
-//! measured, a perturbed clone is built for SAM steps, the PSF is cached, and cheap steps mix the
-//! cache back in. The result is a direction for any Burn base optimizer.
+//! The engine shared by every member of the family: the state between steps (gate, PSF cache,
+//! counters, values still on the device) and the tensor work of one step.
 //!
 //! One step, in three parts:
 //!
-//! - the engine **plans** it ([`SamEngine::plan`]: the gate's decision, the cheap term, the cache
-//!   to read), which is all the state the tensor work needs;
-//! - the pure tensor functions of [`step`] run the passes, free of engine state;
-//! - the engine **commits** the outcome (counts, statistics, the next cache).
+//! 1. the engine **plans** it ([`SamEngine::plan`]: the gate's decision, the cheap term, the cache
+//!    to read), which is all the state the tensor work needs;
+//! 2. the plain tensor functions of [`step`] run the passes and return the direction for the base
+//!    optimizer plus a [`Contribution`] (what the step measured);
+//! 3. the engine **commits** the contribution ([`SamEngine::commit`]): [`book`](SamEngine::book)
+//!    counts the step, [`learn`](SamEngine::learn) stores the next cache and feeds the gate.
 //!
-//! [`pass`] strings the three together once, for every driver: [`SamEngine::first_pass`] (users
-//! who run the passes themselves), [`SamOptimizer::step`](crate::SamOptimizer::step) and the
-//! Learner's `SamHandle::train_step`.
+//! A custom loop commits every step ([`SamOptimizer::step`](crate::SamOptimizer::step)). The
+//! Learner books every train step and learns once per optimizer step, from the mean of its
+//! micro-batches and devices (`learner/round.rs`).
 //!
-//! Host reads: one small read per SAM step (the statistics, the loss and the non-finite counter,
-//! together); none on cheap steps, except AE-SAM's ‖g‖² of the previous step.
+//! Host reads ([`readback`]): one per SAM step (its named values, the loss and the non-finite count
+//! of the cheap steps before it, together); none on cheap steps, except AE-SAM's ‖g‖² of the
+//! previous step, read when the next step is planned. Every read is counted in
+//! [`StepTelemetry::host_reads`].
 
-mod pass;
+pub mod hand;
+mod readback;
 mod record;
-mod round;
-mod step;
+pub(crate) mod step;
 pub(crate) mod tensors;
 
-pub use pass::{CheapPass, Pass, SamPass};
-pub(crate) use pass::{EngineAccess, EngineRef};
 pub use record::EngineRecord;
 
 use std::sync::Arc;
 
-use burn::module::Module;
-use burn::optim::GradientsParams;
 use burn::tensor::Tensor;
 use serde::{Deserialize, Serialize};
 
@@ -38,19 +37,17 @@ use crate::error::Result;
 use crate::policy::{Gate, PsfStats};
 use crate::reuse::CheapTerm;
 use crate::telemetry::StepTelemetry;
-use round::Round;
-use step::{FirstPass, Readback, ReuseCache, SamOutcome};
+pub(crate) use step::{CacheParts, Contribution, ReuseCache};
 
 /// The engine's scalar state, all of it: what the engine runs on and, as JSON, what its record
-/// stores (next to the cached tensors).
+/// stores (next to the cached tensors). The engine is the one owner of the run's counters.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub(crate) struct EngineState {
     /// The gate: rule, state, RNG position.
     pub gate: Gate,
-    /// Cheap steps since the cache was stored.
+    /// Cheap optimizer steps since the cache was stored.
     pub since_cache: u32,
-    /// Steps finished (train steps: with gradient accumulation or several devices, one per
-    /// micro-batch or device).
+    /// Train steps finished (in the Learner one per micro-batch and device).
     pub steps: u64,
     /// Of those, SAM steps.
     pub sam_steps: u64,
@@ -58,6 +55,9 @@ pub(crate) struct EngineState {
     pub passes: u64,
     /// Gate decisions taken (optimizer steps).
     pub rounds: u64,
+    /// Device-to-host reads the steps made.
+    #[serde(default)]
+    pub host_reads: u64,
     /// Steps with a non-finite loss or gradient, as known on the host so far.
     pub non_finite_steps: u64,
     /// Statistics of the last successful SAM step.
@@ -71,7 +71,6 @@ pub(crate) struct EngineState {
 }
 
 /// What one step needs from the engine: the decision, the cheap term and the cache it reads.
-/// Taken under the engine's lock in the Learner, used without it.
 #[derive(Clone, Debug)]
 pub(crate) struct Plan {
     pub sam: bool,
@@ -80,12 +79,29 @@ pub(crate) struct Plan {
     pub cache: Arc<ReuseCache>,
     pub config: SamConfig,
     pub wants_grad_norm: bool,
+    /// On a SAM step: the non-finite count of the cheap steps before it, still on the device, to
+    /// read with the step's own values.
+    pub cheap_non_finite: Option<Tensor<1>>,
 }
 
-/// Gate, PSF cache and tensor work of the SAM family, without a base optimizer.
+/// What a round of steps (one optimizer step) teaches the cache and the gate.
+#[derive(Debug)]
+pub(crate) struct Lesson {
+    pub sam: bool,
+    /// The tensors to cache (f32), from successful SAM steps of a rule that caches.
+    pub cache: Option<CacheParts>,
+    /// PSF statistics of the successful SAM steps.
+    pub stats: Option<PsfStats>,
+    /// ‖g‖² read on the host (SAM steps with a finite first pass).
+    pub grad_sq_host: Option<f64>,
+    /// ‖g‖² still on the device (cheap steps of a gate that wants it).
+    pub grad_sq_device: Option<Tensor<1>>,
+}
+
+/// Gate, PSF cache and counters of a run of the SAM family: the state between steps.
 ///
-/// [`SamOptimizer`](crate::SamOptimizer) combines it with a base optimizer for custom loops;
-/// [`first_pass`](Self::first_pass) drives the passes by hand.
+/// [`SamOptimizer`](crate::SamOptimizer) and the Learner integration drive it; the hand-driven
+/// protocol is in [`advanced`](crate::advanced).
 #[derive(Clone, Debug)]
 pub struct SamEngine {
     config: SamConfig,
@@ -95,7 +111,6 @@ pub struct SamEngine {
     pending_grad_sq: Option<Tensor<1>>,
     /// Non-finite cheap steps counted on the device since the last read.
     device_non_finite: Option<Tensor<1>>,
-    round: Option<Round>,
 }
 
 impl SamEngine {
@@ -110,6 +125,7 @@ impl SamEngine {
                 sam_steps: 0,
                 passes: 0,
                 rounds: 0,
+                host_reads: 0,
                 non_finite_steps: 0,
                 last_stats: None,
                 last_sam: false,
@@ -120,7 +136,6 @@ impl SamEngine {
             cache: Arc::default(),
             pending_grad_sq: None,
             device_non_finite: None,
-            round: None,
         })
     }
 
@@ -134,182 +149,103 @@ impl SamEngine {
         &self.state.gate
     }
 
-    /// Step 1 of a step driven by hand: takes the pass-1 gradients and loss of `module`, asks the
-    /// gate, and returns a [`Pass::Sam`] (run the second pass on
-    /// [`SamPass::perturbed`], then [`SamPass::finish`]) or a [`Pass::Cheap`]
-    /// ([`CheapPass::finish`]). The pass borrows the engine until it is finished, so steps cannot
-    /// interleave; a pass dropped unfinished leaves the engine as if the step had not run,
-    /// except that the gate has decided once.
-    ///
-    /// ```rust
-    /// # use burn::nn::{Linear, LinearConfig};
-    /// # use burn::optim::{GradientsParams, Optimizer, SgdConfig};
-    /// # use burn::prelude::*;
-    /// use burn_sam_sample::{Pass, SamConfig, SamEngine};
-    ///
-    /// # let device = burn_sam_sample::backend::cpu_device().autodiff();
-    /// let mut model: Linear = LinearConfig::new(4, 1).init(&device);
-    /// let mut engine = SamEngine::new(&SamConfig::vsam(10)).unwrap();
-    /// let mut sgd = SgdConfig::new().init();
-    /// let x = Tensor::<2>::ones([8, 4], &device);
-    /// let loss_of = |m: &Linear| m.forward(x.clone()).powi_scalar(2).mean();
-    /// for _ in 0..20 {
-    ///     let loss = loss_of(&model);
-    ///     let grads = GradientsParams::from_grads(loss.backward(), &model);
-    ///     let (direction, telemetry) = match engine.first_pass(&model, grads, &loss) {
-    ///         Pass::Sam(pass) => {
-    ///             let perturbed = pass.perturbed(&model);
-    ///             let second = GradientsParams::from_grads(loss_of(&perturbed).backward(), &perturbed);
-    ///             pass.finish(&model, second)
-    ///         }
-    ///         Pass::Cheap(pass) => pass.finish(&model),
-    ///     };
-    ///     model = sgd.step(0.1, model, direction);
-    ///     assert!(telemetry.step > 0);
-    /// }
-    /// ```
-    ///
-    /// A SAM pass cannot be finished without the second pass's gradients, a cheap one takes
-    /// none, and a second step cannot start while a pass is open:
-    ///
-    /// ```compile_fail,E0499
-    /// # use burn::nn::{Linear, LinearConfig};
-    /// # use burn::optim::GradientsParams;
-    /// # use burn::prelude::*;
-    /// # use burn_sam_sample::{SamConfig, SamEngine};
-    /// # let device = burn_sam_sample::backend::cpu_device().autodiff();
-    /// # let model: Linear = LinearConfig::new(4, 1).init(&device);
-    /// # let x = Tensor::<2>::ones([8, 4], &device);
-    /// let mut engine = SamEngine::new(&SamConfig::sam()).unwrap();
-    /// let loss = model.forward(x.clone()).mean();
-    /// let pass = engine.first_pass(&model, GradientsParams::from_grads(loss.backward(), &model), &loss);
-    /// let loss = model.forward(x).mean();
-    /// let other = engine.first_pass(&model, GradientsParams::from_grads(loss.backward(), &model), &loss);
-    /// drop(pass);
-    /// ```
-    pub fn first_pass<M: Module>(&mut self, module: &M, grads: GradientsParams, loss: &Tensor<1>) -> Pass<'_> {
-        Pass::begin(self, module, grads, loss)
-    }
-
-    /// Decides the step: opens a round unless one is open (the lagged ‖g‖² is fed to the gate
-    /// first), and returns what the tensor work needs. With `new_round`, any open round (a step
-    /// abandoned before its end) is dropped first.
-    pub(crate) fn plan(&mut self, new_round: bool) -> Plan {
-        if new_round {
-            self.round = None;
+    /// Decides the next optimizer step (the lagged ‖g‖² of AE-SAM is read and fed to the gate
+    /// first) and returns what the tensor work needs.
+    pub(crate) fn plan(&mut self) -> Plan {
+        if let Some(grad_sq) = self.pending_grad_sq.take() {
+            self.state.host_reads += 1;
+            self.state.gate.observe_grad_norm_sq(readback::read_one("grad_sq", grad_sq));
         }
-        let round = match self.round.take() {
-            Some(round) => round,
-            None => {
-                if let Some(grad_sq) = self.pending_grad_sq.take() {
-                    self.state.gate.observe_grad_norm_sq(grad_sq.into_scalar::<f32>() as f64);
-                }
-                let sam = self.state.gate.decide();
-                let term = if sam || self.cache.is_empty() {
-                    CheapTerm::Plain
-                } else {
-                    self.config.reuse.cheap_term(self.state.since_cache.saturating_add(1))
-                };
-                Round::open(sam, term)
-            }
+        let sam = self.state.gate.decide();
+        let term = if sam || self.cache.is_empty() {
+            CheapTerm::Plain
+        } else {
+            self.config.reuse.cheap_term(self.state.since_cache.saturating_add(1))
         };
-        let plan = Plan {
-            sam: round.sam,
-            term: round.term,
-            cache: if round.sam { Arc::default() } else { Arc::clone(&self.cache) },
+        Plan {
+            sam,
+            term,
+            cache: if sam { Arc::default() } else { Arc::clone(&self.cache) },
             config: self.config.clone(),
             wants_grad_norm: self.state.gate.wants_grad_norm(),
-        };
-        self.round = Some(round);
-        plan
-    }
-
-    /// Whether a round is open (between its decision and its end).
-    pub(crate) fn in_round(&self) -> bool {
-        self.round.is_some()
-    }
-
-    /// Takes the device-side non-finite flags of earlier cheap steps, to read with a SAM step.
-    pub(crate) fn take_non_finite_flags(&mut self) -> Option<Tensor<1>> {
-        self.device_non_finite.take()
-    }
-
-    /// Books a cheap step (no host read).
-    pub(crate) fn commit_cheap(&mut self, first: &FirstPass) -> StepTelemetry {
-        if self.config.guard_non_finite {
-            let flag = first.non_finite_flag();
-            self.device_non_finite = Some(match self.device_non_finite.take() {
-                Some(count) => {
-                    let device = count.device();
-                    count + flag.to_device(&device)
-                }
-                None => flag,
-            });
+            cheap_non_finite: if sam { self.device_non_finite.take() } else { None },
         }
-        if let (Some(round), true) = (self.round.as_mut(), self.state.gate.wants_grad_norm()) {
-            round.add_device_grad_sq(first.grad_sq.clone());
-        }
-        self.state.manifest = first.manifest();
-        let state = &mut self.state;
-        state.steps = state.steps.saturating_add(1);
-        state.passes = state.passes.saturating_add(1);
-        state.last_sam = false;
-        state.last_skipped = false;
+    }
+
+    /// Books and learns from one step that is its own optimizer step (a custom loop).
+    pub(crate) fn commit(&mut self, contribution: Contribution) -> StepTelemetry {
+        let lesson = self.book(contribution);
+        self.learn(lesson);
         self.telemetry()
     }
 
-    /// Books a SAM step from its evaluated outcome.
-    pub(crate) fn commit_sam(&mut self, outcome: &SamOutcome, manifest: Vec<(u64, Vec<usize>)>) -> StepTelemetry {
-        let readback = outcome.readback;
-        self.record_cheap_non_finite(readback.cheap_non_finite);
-        // A step whose round was dropped (a pass abandoned, then finished) is booked but teaches
-        // nothing.
-        let mut detached = Round::open(true, CheapTerm::Plain);
-        let round = self.round.as_mut().unwrap_or(&mut detached);
-        if readback.second_ok() {
-            round.add_sam(readback.stats(), readback.grad_sq, outcome.cache_tensors(&self.config.reuse), || {
-                (outcome.layout(self.config.cache_precision), outcome.device.clone())
-            });
-            self.state.last_stats = Some(readback.stats());
-            self.state.last_skipped = false;
-        } else {
-            warn_skipped(self.state.steps, &readback);
-            if readback.first_ok() {
-                round.add_grad_sq(readback.grad_sq);
+    /// Counts one train step and returns what it teaches (see [`learn`](Self::learn)).
+    pub(crate) fn book(&mut self, contribution: Contribution) -> Lesson {
+        self.state.manifest = contribution.manifest;
+        self.state.steps = self.state.steps.saturating_add(1);
+        self.state.last_sam = contribution.values.is_some();
+        let Some(values) = contribution.values else {
+            // A cheap step: its non-finite flag stays on the device until the next read.
+            if let Some(flag) = contribution.non_finite {
+                self.device_non_finite = Some(match self.device_non_finite.take() {
+                    Some(count) => {
+                        let device = count.device();
+                        count + flag.to_device(&device)
+                    }
+                    None => flag,
+                });
             }
-            self.state.non_finite_steps = self.state.non_finite_steps.saturating_add(1);
-            self.state.last_skipped = true;
-        }
-        self.state.manifest = manifest;
+            self.state.passes = self.state.passes.saturating_add(1);
+            self.state.last_skipped = false;
+            return Lesson {
+                sam: false,
+                cache: None,
+                stats: None,
+                grad_sq_host: None,
+                grad_sq_device: contribution.grad_sq,
+            };
+        };
         let state = &mut self.state;
-        state.steps = state.steps.saturating_add(1);
+        state.host_reads += 1;
         state.sam_steps = state.sam_steps.saturating_add(1);
         state.passes = state.passes.saturating_add(2);
-        state.last_sam = true;
-        self.telemetry()
+        self.record_cheap_non_finite(values.cheap_non_finite);
+        let state = &mut self.state;
+        if values.second_ok() {
+            state.last_stats = Some(values.stats());
+            state.last_skipped = false;
+            Lesson {
+                sam: true,
+                cache: contribution.cache,
+                stats: Some(values.stats()),
+                grad_sq_host: Some(values.grad_sq),
+                grad_sq_device: None,
+            }
+        } else {
+            values.warn_skipped(state.steps);
+            state.non_finite_steps = state.non_finite_steps.saturating_add(1);
+            state.last_skipped = true;
+            let grad_sq_host = values.first_ok().then_some(values.grad_sq);
+            Lesson { sam: true, cache: None, stats: None, grad_sq_host, grad_sq_device: None }
+        }
     }
 
-    /// Closes a round: the cache becomes the mean of the round's contributions, the gate learns
-    /// the mean of its statistics.
-    pub(crate) fn end_round(&mut self) {
-        let Some(round) = self.round.take() else {
-            return;
-        };
+    /// Ends an optimizer step: the cache becomes the lesson's, the gate learns its statistics.
+    pub(crate) fn learn(&mut self, lesson: Lesson) {
         self.state.rounds = self.state.rounds.saturating_add(1);
-        let closed = round.close();
-        if let Some((tensors, layout, device)) = closed.cache {
+        if let Some((tensors, layout, device)) = lesson.cache {
             self.cache = Arc::new(ReuseCache::new(tensors, &self.config.reuse, &layout, &device));
             self.state.since_cache = 0;
-        } else if !closed.sam {
+        } else if !lesson.sam {
             self.state.since_cache = self.state.since_cache.saturating_add(1);
         }
-        if let Some(stats) = closed.stats {
+        if let Some(stats) = lesson.stats {
             self.state.gate.observe_sam(stats);
         }
-        if let Some(grad_sq) = closed.grad_sq_host {
+        if let Some(grad_sq) = lesson.grad_sq_host {
             self.state.gate.observe_grad_norm_sq(grad_sq);
             self.pending_grad_sq = None;
-        } else if let Some(grad_sq) = closed.grad_sq_device {
+        } else if let Some(grad_sq) = lesson.grad_sq_device {
             self.pending_grad_sq = Some(grad_sq);
         }
     }
@@ -326,12 +262,12 @@ impl SamEngine {
         }
     }
 
-    /// Reads the device-side count of non-finite cheap steps (one host read) and returns the
-    /// telemetry with it.
+    /// Reads the device-side count of non-finite cheap steps (one host read, when there is a
+    /// count to read) and returns the telemetry with it.
     pub fn sync_telemetry(&mut self) -> StepTelemetry {
         if let Some(count) = self.device_non_finite.take() {
-            let count = count.into_scalar::<f32>() as f64;
-            self.record_cheap_non_finite(count);
+            self.state.host_reads += 1;
+            self.record_cheap_non_finite(readback::read_one("cheap_non_finite", count));
         }
         self.telemetry()
     }
@@ -354,23 +290,7 @@ impl SamEngine {
             psf_ratio: state.last_stats.map(|s| s.ratio),
             non_finite_steps: state.non_finite_steps,
             cache_bytes: self.cache.bytes(),
+            host_reads: state.host_reads,
         }
-    }
-}
-
-/// Logs a SAM step whose loss or gradient was not finite, and what was done instead.
-fn warn_skipped(step: u64, readback: &Readback) {
-    if readback.first_ok() {
-        log::warn!(
-            "step {step}: the second-pass gradient is not finite; the first-pass gradient is used, \
-             nothing is cached and the gate statistics are unchanged"
-        );
-    } else {
-        log::warn!(
-            "step {step}: the loss ({}) or gradient (‖g‖² = {}) is not finite; the update is zeroed, \
-             nothing is cached and the gate statistics are unchanged",
-            readback.loss,
-            readback.grad_sq
-        );
     }
 }

@@ -372,7 +372,7 @@ mod tests {
     use serde_json::Value;
 
     use super::*;
-    use crate::engine::Pass;
+    use crate::engine::hand::Pass;
     use crate::policy::{AeSamConfig, GatePolicy, VariationConfig};
 
     fn device() -> Device {

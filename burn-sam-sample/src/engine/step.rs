@@ -1,7 +1,9 @@
-//! The tensor work of one step, free of engine state: measuring the first pass, building the
-//! perturbed clone, forming the direction of a cheap step, and evaluating a SAM step.
+//! The tensor work of one step, free of engine state: plain functions from a [`Plan`] and the
+//! passes' gradients to the direction for the base optimizer and a [`Contribution`] (what the
+//! step measured, for the engine to commit).
 //!
-//! [`Pass`](super::Pass) strings them together; the engine keeps the state between steps.
+//! [`run`] is the step: first pass, then the SAM branch (perturbed clone, second pass, PSF) or
+//! the cheap branch (`g` plus the reuse term).
 
 use std::collections::HashMap;
 
@@ -9,31 +11,46 @@ use burn::module::{Module, ParamId};
 use burn::optim::GradientsParams;
 use burn::tensor::{Bool, DType, Device, Tensor};
 
-use super::tensors::{self, dot, square_sum, sum_parts, Collected, FlatGrad};
-use crate::config::SamConfig;
+use super::readback;
+use super::tensors::{self, dot, square_sum, sum_parts, Collected};
+use super::Plan;
 use crate::policy::PsfStats;
-use crate::reuse::{CachePrecision, CheapTerm, ReusePolicy};
+use crate::reuse::ReusePolicy;
+
+/// Per-parameter tensors to cache (f32), their parameter order with each one's storage dtype,
+/// and the device.
+pub(crate) type CacheParts = (HashMap<ParamId, Tensor<1>>, Vec<(ParamId, DType)>, Device);
+
+/// What one step measured, for [`SamEngine::book`](super::SamEngine::book).
+#[derive(Debug)]
+pub(crate) struct Contribution {
+    /// A SAM step's host values (its one read); `None` on a cheap step.
+    pub values: Option<SamValues>,
+    /// A SAM step's tensors to cache, when both passes are finite and the rule caches.
+    pub cache: Option<CacheParts>,
+    /// A cheap step's non-finite flag (1.0 or 0.0, f32, on the device), when guarded.
+    pub non_finite: Option<Tensor<1>>,
+    /// A cheap step's ‖g‖² on the device, when the gate wants it (AE-SAM).
+    pub grad_sq: Option<Tensor<1>>,
+    /// The parameters with a gradient, in module order, with their shapes.
+    pub manifest: Vec<(u64, Vec<usize>)>,
+}
 
 /// The first pass of a step, measured.
 #[derive(Debug)]
 pub(crate) struct FirstPass {
-    pub(crate) collected: Collected,
+    collected: Collected,
     grad_sq_parts: Vec<Tensor<1>>,
-    pub(crate) grad_sq: Tensor<1>,
+    grad_sq: Tensor<1>,
     loss: Tensor<1>,
     skip: Tensor<1, Bool>,
-    pub(crate) device: Device,
+    device: Device,
 }
 
 impl FirstPass {
     /// The parameters with a gradient, in module order, with their shapes.
-    pub(crate) fn manifest(&self) -> Vec<(u64, Vec<usize>)> {
+    fn manifest(&self) -> Vec<(u64, Vec<usize>)> {
         self.collected.grads.iter().map(|flat| (flat.id.val(), flat.shape.to_vec())).collect()
-    }
-
-    /// 1.0 when the loss or the gradient is not finite, else 0.0 (f32, on the device).
-    pub(crate) fn non_finite_flag(&self) -> Tensor<1> {
-        self.skip.clone().float().cast(DType::F32)
     }
 }
 
@@ -64,7 +81,7 @@ impl ReuseCache {
                 (id, store_as(tensor, dtype))
             })
             .collect();
-        let norm = matches!(reuse, ReusePolicy::LookSam { .. }).then(|| {
+        let norm = reuse.keeps_cache_norm().then(|| {
             let parts: Vec<Tensor<1>> = layout.iter().filter_map(|(id, _)| tensors.get(id)).map(square_sum).collect();
             sum_parts(&parts, device).sqrt()
         });
@@ -95,23 +112,39 @@ pub(crate) fn store_as(tensor: Tensor<1>, dtype: DType) -> Tensor<1> {
     }
 }
 
-/// Takes the pass-1 gradients and loss; computes ‖g‖² on the device when needed.
-pub(crate) fn first_pass<M: Module>(
-    config: &SamConfig,
+/// One step after its first backward pass: the SAM branch (perturbed clone, `second_grads` of
+/// it, PSF) or the cheap branch. Returns the direction for the base optimizer and what the step
+/// measured.
+pub(crate) fn run<M: Module>(
+    plan: &Plan,
     module: &M,
     grads: GradientsParams,
     loss: &Tensor<1>,
-    sam: bool,
-    wants_grad_norm: bool,
-) -> FirstPass {
-    let asam_eta = (sam && config.adaptive).then_some(config.adaptive_eta);
-    let collected = tensors::collect(module, grads, sam, asam_eta);
+    second_grads: impl FnOnce(&M) -> GradientsParams,
+) -> (GradientsParams, Contribution) {
+    let first = first_pass(plan, module, grads, loss);
+    if !plan.sam {
+        return finish_cheap(plan, module, first);
+    }
+    let perturbed = perturb(plan, module, &first);
+    let second = second_grads(&perturbed);
+    // The perturbed weights are done with: free them before the PSF is formed, so that the
+    // step's peak memory stays one model smaller.
+    drop(perturbed);
+    finish_sam(plan, module, first, second)
+}
+
+/// Takes the pass-1 gradients and loss; computes ‖g‖² on the device when needed.
+pub(crate) fn first_pass<M: Module>(plan: &Plan, module: &M, grads: GradientsParams, loss: &Tensor<1>) -> FirstPass {
+    let config = &plan.config;
+    let asam_eta = (plan.sam && config.adaptive).then_some(config.adaptive_eta);
+    let collected = tensors::collect(module, grads, plan.sam, asam_eta);
     let device = collected.grads.first().map(|flat| flat.grad.device()).unwrap_or_else(|| loss.device());
-    // ‖g‖² is needed for the ascent, LookSAM's norm matching and AE-SAM's statistic; the
-    // non-finite guard alone only needs to know whether g is finite, which a plain sum (one read,
-    // no temporary) tells as well: it is non-finite exactly when an element is (or when the sum
-    // itself passes f32's range, ~3·10³⁸, which a finite ‖g‖² would have passed first).
-    let needs_norm = sam || wants_grad_norm || matches!(config.reuse, ReusePolicy::LookSam { .. });
+    // ‖g‖² is needed for the ascent, the rule's and the gate's statistics; the non-finite guard
+    // alone only needs to know whether g is finite, which a plain sum (no temporary) tells as
+    // well: it is non-finite exactly when an element is (or when the sum itself passes f32's
+    // range, ~3·10³⁸, which a finite ‖g‖² would have passed first).
+    let needs_norm = plan.sam || plan.wants_grad_norm || config.reuse.needs_grad_norm();
     let grad_sq_parts: Vec<Tensor<1>> =
         if needs_norm { collected.grads.iter().map(|flat| square_sum(&flat.grad)).collect() } else { Vec::new() };
     let grad_sq = sum_parts(&grad_sq_parts, &device);
@@ -127,10 +160,12 @@ pub(crate) fn first_pass<M: Module>(
     FirstPass { collected, grad_sq_parts, grad_sq, loss, skip, device }
 }
 
-/// The perturbed module `w + ε` of a SAM step. When the loss or g is not finite the clone holds
-/// garbage, which is harmless: the step is then skipped (its update zeroed, nothing cached, the
-/// gate told nothing), so nothing computed on the clone is used.
-pub(crate) fn perturb<M: Module>(config: &SamConfig, module: &M, first: &FirstPass) -> M {
+/// The perturbed module `w + ε` of a SAM step, ε = ρ·g/‖g‖ (ASAM: ρ·T²g/‖Tg‖, T = |w| + η).
+/// When the loss or g is not finite the clone holds garbage, which is harmless: the step is then
+/// skipped (its update zeroed, nothing cached, the gate told nothing), so nothing computed on
+/// the clone is used.
+pub(crate) fn perturb<M: Module>(plan: &Plan, module: &M, first: &FirstPass) -> M {
+    let config = &plan.config;
     let norm_sq =
         if config.adaptive { sum_parts(&first.collected.scaled_sq, &first.device) } else { first.grad_sq.clone() };
     let rho = Tensor::<1>::full([1], config.rho, (&first.device, DType::F32));
@@ -139,27 +174,20 @@ pub(crate) fn perturb<M: Module>(config: &SamConfig, module: &M, first: &FirstPa
     tensors::perturbed_clone(module, &first.collected, &scale, asam_eta)
 }
 
-/// The direction of a cheap step: `g` plus the reuse `term` over `cache`, zeroed on the device
-/// when the loss or gradient is not finite (if guarded).
-pub(crate) fn cheap_direction<M: Module>(
-    config: &SamConfig,
-    module: &M,
-    first: FirstPass,
-    term: CheapTerm,
-    cache: &ReuseCache,
-) -> GradientsParams {
-    let norm_matched = match (term, &cache.norm) {
-        (CheapTerm::NormMatched(alpha), Some(cache_norm)) => Some(
-            first
-                .grad_sq
-                .clone()
-                .sqrt()
-                .mul_scalar(alpha)
-                .div(cache_norm.clone().to_device(&first.device).add_scalar(config.eps)),
-        ),
-        _ => None,
-    };
+/// A cheap step: `d = g + weight·cache` (the rule's term; `g` when it adds nothing), zeroed on
+/// the device when the loss or gradient is not finite (if guarded). Reads nothing.
+pub(crate) fn finish_cheap<M: Module>(plan: &Plan, module: &M, first: FirstPass) -> (GradientsParams, Contribution) {
+    let config = &plan.config;
+    let cache = &plan.cache;
+    let weight = plan.term.weight(&first.grad_sq, cache.norm.as_ref(), config.eps);
     let guard = config.guard_non_finite;
+    let contribution = Contribution {
+        values: None,
+        cache: None,
+        non_finite: guard.then(|| first.skip.clone().float().cast(DType::F32)),
+        grad_sq: plan.wants_grad_norm.then(|| first.grad_sq.clone()),
+        manifest: first.manifest(),
+    };
     let directions = first
         .collected
         .grads
@@ -167,16 +195,14 @@ pub(crate) fn cheap_direction<M: Module>(
         .map(|flat| {
             let dtype = flat.grad.dtype();
             let device = flat.grad.device();
-            // The cache is read in f32 whatever its storage, the sum rounded once to g's dtype.
-            let cached = cache.tensors.get(&flat.id).map(|t| t.clone().to_device(&device).cast(DType::F32));
-            let mut direction = match (term, cached, &norm_matched) {
-                (CheapTerm::Scaled(weight), Some(cached), _) => {
-                    store_as(flat.grad.cast(DType::F32) + cached.mul_scalar(weight), dtype)
+            let cached = weight.as_ref().and_then(|w| Some((w, cache.tensors.get(&flat.id)?)));
+            let mut direction = match cached {
+                // The cache is read in f32 whatever its storage, the sum rounded once to g's dtype.
+                Some((weight, cached)) => {
+                    let cached = cached.clone().to_device(&device).cast(DType::F32);
+                    store_as(flat.grad.cast(DType::F32) + weight.times(cached), dtype)
                 }
-                (CheapTerm::NormMatched(_), Some(cached), Some(coefficient)) => {
-                    store_as(flat.grad.cast(DType::F32) + cached * coefficient.clone().to_device(&device), dtype)
-                }
-                _ => flat.grad,
+                None => flat.grad,
             };
             if guard {
                 let skip = first.skip.clone().to_device(&device).expand([flat.shape.num_elements()]);
@@ -185,12 +211,12 @@ pub(crate) fn cheap_direction<M: Module>(
             (flat.id, direction, flat.shape)
         })
         .collect();
-    tensors::into_gradients(module, directions)
+    (tensors::into_gradients(module, directions), contribution)
 }
 
-/// The host values of a SAM step, read in one transfer.
+/// The host values of a SAM step, read in one transfer ([`readback::read`]).
 #[derive(Clone, Copy, Debug)]
-pub(crate) struct Readback {
+pub(crate) struct SamValues {
     pub grad_sq: f64,
     grad_tail_sq: f64,
     psf_tail_sq: f64,
@@ -199,11 +225,11 @@ pub(crate) struct Readback {
     second_probe: f64,
     pub loss: f64,
     dot: f64,
-    /// Sum of the non-finite flags handed in (cheap steps since the last read).
+    /// Sum of the non-finite flags of the cheap steps since the last read.
     pub cheap_non_finite: f64,
 }
 
-impl Readback {
+impl SamValues {
     /// The loss and the first-pass gradient are finite.
     pub fn first_ok(&self) -> bool {
         self.grad_sq.is_finite() && self.loss.is_finite()
@@ -221,32 +247,51 @@ impl Readback {
         let ratio = if grad_tail > 0.0 { psf_norm / grad_tail } else { 0.0 };
         PsfStats { psf_norm, ratio }
     }
+
+    /// ⟨g, g_s⟩/‖g‖² (0 when ‖g‖ is 0): the part of g in g_s, for LookSAM.
+    fn projection(&self) -> f64 {
+        if self.grad_sq > 0.0 {
+            self.dot / self.grad_sq
+        } else {
+            0.0
+        }
+    }
+
+    /// Logs a step whose loss or gradient was not finite, and what was done instead.
+    pub fn warn_skipped(&self, step: u64) {
+        if self.first_ok() {
+            log::warn!(
+                "step {step}: the second-pass gradient is not finite; the first-pass gradient is used, \
+                 nothing is cached and the gate statistics are unchanged"
+            );
+        } else {
+            log::warn!(
+                "step {step}: the loss ({}) or gradient (‖g‖² = {}) is not finite; the update is zeroed, \
+                 nothing is cached and the gate statistics are unchanged",
+                self.loss,
+                self.grad_sq
+            );
+        }
+    }
 }
 
-/// A SAM step after its second pass: per parameter (g, g_s, PSF) and the host values.
-pub(crate) struct SamOutcome {
-    /// Per parameter: g, g_s, and the PSF where it was formed.
-    pairs: Vec<(FlatGrad, Tensor<1>, Option<Tensor<1>>)>,
-    pub readback: Readback,
-    pub device: Device,
-}
-
-/// Evaluates a SAM step: PSF per parameter, the statistics, and one read of the host values.
-/// `cheap_flags` (non-finite flags of earlier cheap steps) rides along in the same read.
-pub(crate) fn evaluate_sam<M: Module>(
-    config: &SamConfig,
+/// A SAM step after its second pass: the PSF per parameter, the statistics, one read of the host
+/// values (with the plan's count of earlier non-finite cheap steps), the cache's tensors and the
+/// direction: g_s when both passes are finite, g when only the first is, else zeros.
+pub(crate) fn finish_sam<M: Module>(
+    plan: &Plan,
     module: &M,
     first: FirstPass,
     second: GradientsParams,
-    cheap_flags: Option<Tensor<1>>,
-) -> SamOutcome {
+) -> (GradientsParams, Contribution) {
+    let config = &plan.config;
+    let manifest = first.manifest();
     let FirstPass { collected, grad_sq_parts, grad_sq, loss, device, .. } = first;
     let mut second: HashMap<ParamId, Tensor<1>> =
         tensors::collect(module, second, false, None).grads.into_iter().map(|flat| (flat.id, flat.grad)).collect();
-    let look_sam = matches!(config.reuse, ReusePolicy::LookSam { .. });
-    // The PSF of a tensor is needed for the statistics (the last N tensors) and for vSAM's cache
-    // (every tensor). Elsewhere only g_s's finiteness matters, which a plain sum tells.
-    let cache_psf = matches!(config.reuse, ReusePolicy::DecayedPsf { .. });
+    // The PSF of a tensor is needed for the statistics (the last N tensors) and, for a rule that
+    // caches it, for every tensor. Elsewhere only g_s's finiteness matters, which a plain sum tells.
+    let full_psf = config.reuse.needs_full_psf();
     let tail = collected.grads.len().saturating_sub(config.stats_last_n);
 
     let mut pairs = Vec::with_capacity(collected.grads.len());
@@ -258,11 +303,11 @@ pub(crate) fn evaluate_sam<M: Module>(
         let sam_grad = second.remove(&flat.id).unwrap_or_else(|| flat.grad.clone());
         let grad32 = flat.grad.clone().cast(DType::F32);
         let sam32 = sam_grad.clone().cast(DType::F32);
-        if look_sam {
+        if config.reuse.needs_dot() {
             dot_parts.push(dot(&grad32, &sam32));
         }
         let in_tail = index >= tail;
-        let psf = (in_tail || cache_psf).then(|| sam32.clone() - grad32);
+        let psf = (in_tail || full_psf).then(|| sam32.clone() - grad32);
         match &psf {
             Some(psf) if in_tail => psf_tail_parts.push(square_sum(psf)),
             _ => probe_parts.push(sam32.sum()),
@@ -271,85 +316,61 @@ pub(crate) fn evaluate_sam<M: Module>(
     }
     let psf_tail_sq = sum_parts(&psf_tail_parts, &device);
     let probe = psf_tail_sq.clone() + sum_parts(&probe_parts, &device);
-    let readback = Tensor::cat(
-        vec![
-            grad_sq,
-            sum_parts(&grad_sq_parts[tail..], &device),
-            psf_tail_sq,
-            probe,
-            loss,
-            sum_parts(&dot_parts, &device),
-            cheap_flags
-                .map(|flags| flags.to_device(&device))
-                .unwrap_or_else(|| Tensor::zeros([1], (&device, DType::F32))),
+    let cheap_non_finite = plan.cheap_non_finite.clone().unwrap_or_else(|| Tensor::zeros([1], (&device, DType::F32)));
+    let read = readback::read(
+        [
+            ("grad_sq", grad_sq),
+            ("grad_tail_sq", sum_parts(&grad_sq_parts[tail..], &device)),
+            ("psf_tail_sq", psf_tail_sq),
+            ("second_probe", probe),
+            ("loss", loss),
+            ("dot", sum_parts(&dot_parts, &device)),
+            ("cheap_non_finite", cheap_non_finite),
         ],
-        0,
+        &device,
     );
-    let values: Vec<f64> = readback.into_data().iter::<f32>().map(f64::from).collect();
-    // A read of another length cannot happen with a working backend; if it did, the step would
-    // count as non-finite (skipped) rather than use misplaced values.
-    let [grad_sq, grad_tail_sq, psf_tail_sq, second_probe, loss, dot, cheap_non_finite] =
-        <[f64; 7]>::try_from(values).unwrap_or([f64::NAN; 7]);
-    SamOutcome {
-        pairs,
-        readback: Readback { grad_sq, grad_tail_sq, psf_tail_sq, second_probe, loss, dot, cheap_non_finite },
-        device,
-    }
-}
+    let values = SamValues {
+        grad_sq: read.get("grad_sq"),
+        grad_tail_sq: read.get("grad_tail_sq"),
+        psf_tail_sq: read.get("psf_tail_sq"),
+        second_probe: read.get("second_probe"),
+        loss: read.get("loss"),
+        dot: read.get("dot"),
+        cheap_non_finite: read.get("cheap_non_finite"),
+    };
 
-impl SamOutcome {
-    /// What this step contributes to the reuse cache (f32, per parameter): the PSF for
-    /// `DecayedPsf`, the part of g_s orthogonal to g for `LookSam`, nothing for `None`.
-    /// Only meaningful when [`Readback::second_ok`].
-    pub fn cache_tensors(&self, reuse: &ReusePolicy) -> Option<HashMap<ParamId, Tensor<1>>> {
-        match reuse {
-            ReusePolicy::None => None,
-            ReusePolicy::DecayedPsf { .. } => {
-                Some(self.pairs.iter().filter_map(|(flat, _, psf)| Some((flat.id, psf.clone()?))).collect())
-            }
-            ReusePolicy::LookSam { .. } => {
-                let r = &self.readback;
-                let projection = if r.grad_sq > 0.0 { r.dot / r.grad_sq } else { 0.0 };
-                Some(
-                    self.pairs
-                        .iter()
-                        .map(|(flat, sam_grad, _)| {
-                            let g = flat.grad.clone().cast(DType::F32);
-                            (flat.id, sam_grad.clone().cast(DType::F32) - g.mul_scalar(projection))
-                        })
-                        .collect(),
-                )
-            }
-        }
-    }
-
-    /// Parameter order of this step, with the dtype each parameter's cache is stored in.
-    pub fn layout(&self, precision: CachePrecision) -> Vec<(ParamId, DType)> {
-        self.pairs
+    let cache = values.second_ok().then(|| {
+        let (reuse, projection) = (&config.reuse, values.projection());
+        let tensors: HashMap<ParamId, Tensor<1>> = pairs
             .iter()
-            .map(|(flat, _, _)| (flat.id, precision.storage_dtype(flat.grad.dtype(), &flat.grad.device())))
-            .collect()
-    }
-
-    /// The direction: g_s when both passes are finite, g when only the first is, else zeros.
-    pub fn direction<M: Module>(self, module: &M) -> GradientsParams {
-        let (first_ok, second_ok) = (self.readback.first_ok(), self.readback.second_ok());
-        let directions = self
-            .pairs
-            .into_iter()
-            .map(|(flat, sam_grad, _)| {
-                let direction = if second_ok {
-                    sam_grad
-                } else if first_ok {
-                    flat.grad
-                } else {
-                    flat.grad.zeros_like()
-                };
-                (flat.id, direction, flat.shape)
+            .filter_map(|(flat, sam_grad, psf)| {
+                Some((flat.id, reuse.cache_of(&flat.grad, sam_grad, psf.as_ref(), projection)?))
             })
             .collect();
-        tensors::into_gradients(module, directions)
-    }
+        let precision = config.cache_precision;
+        let layout = pairs
+            .iter()
+            .map(|(flat, _, _)| (flat.id, precision.storage_dtype(flat.grad.dtype(), &flat.grad.device())))
+            .collect();
+        (tensors, layout, device.clone())
+    });
+    let cache = cache.filter(|(tensors, _, _)| !tensors.is_empty());
+    let (first_ok, second_ok) = (values.first_ok(), values.second_ok());
+    let directions = pairs
+        .into_iter()
+        .map(|(flat, sam_grad, _)| {
+            let direction = if second_ok {
+                sam_grad
+            } else if first_ok {
+                flat.grad
+            } else {
+                flat.grad.zeros_like()
+            };
+            (flat.id, direction, flat.shape)
+        })
+        .collect();
+    let contribution = Contribution { values: Some(values), cache, non_finite: None, grad_sq: None, manifest };
+    (tensors::into_gradients(module, directions), contribution)
 }
 
 #[cfg(test)]

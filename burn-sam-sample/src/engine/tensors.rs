@@ -11,8 +11,6 @@ use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId};
 use burn::optim::GradientsParams;
 use burn::tensor::{DType, Device, GradientCheckpointingStrategy, Shape, Tensor};
 
-use crate::backend;
-
 /// The autodiff settings a parameter carries, taken from the original module and put back on
 /// its perturbed copy (the same logic as Burn's optimizer uses after an update).
 #[derive(Clone, Debug)]
@@ -210,10 +208,48 @@ pub(crate) fn square_sum(t: &Tensor<1>) -> Tensor<1> {
 pub(crate) fn dot(a: &Tensor<1>, b: &Tensor<1>) -> Tensor<1> {
     let a = a.clone().cast(DType::F32);
     let b = b.clone().cast(DType::F32);
-    if backend::runs_on_cpu(&a.device()) {
+    if runs_on_cpu(&a.device()) {
         let n = a.dims()[0];
         a.reshape([1, n]).matmul(b.reshape([n, 1])).reshape([1])
     } else {
         (a * b).sum()
+    }
+}
+
+/// Whether `device` belongs to one of this crate's CPU backends (`flex`, `ndarray`), with or
+/// without autodiff. The engine computes its dot products (‖g‖², ‖PSF‖²) as matrix products there
+/// and as a product and a sum elsewhere, whichever is faster on each kind of backend.
+fn runs_on_cpu(device: &Device) -> bool {
+    #[cfg(feature = "flex")]
+    if *device == Device::flex() {
+        return true;
+    }
+    #[cfg(feature = "ndarray")]
+    #[allow(deprecated)]
+    if *device == Device::ndarray() {
+        return true;
+    }
+    let _ = device;
+    false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_devices_are_recognized_with_or_without_autodiff() {
+        assert!(runs_on_cpu(&Device::flex()));
+        assert!(runs_on_cpu(&Device::flex().autodiff()));
+    }
+
+    #[test]
+    fn dot_products_are_exact_on_small_integers() {
+        let device = Device::flex();
+        let a = Tensor::<1>::from_data([1.0f32, 2.0, 3.0], (&device, DType::F32));
+        let b = Tensor::<1>::from_data([4.0f32, -5.0, 6.0], (&device, DType::F32));
+        assert_eq!(dot(&a, &b).into_scalar::<f32>(), 12.0);
+        assert_eq!(square_sum(&a).into_scalar::<f32>(), 14.0);
+        assert_eq!(sum_parts(&[], &device).into_scalar::<f32>(), 0.0);
     }
 }

@@ -16,7 +16,7 @@ use burn::train::checkpoint::{
     Checkpoint, Checkpointer, CheckpointerError, CheckpointingAction, CheckpointingStrategy, FileCheckpointer,
 };
 use burn::train::metric::store::EventStoreClient;
-use burn::train::{LearnerModel, SupervisedTraining};
+use burn::train::{LearnerModel, SupervisedTraining, TrainingError};
 
 use super::SamHandle;
 use crate::checkpoint::{CheckpointSet, CheckpointWriter};
@@ -25,7 +25,7 @@ use crate::error::SamError;
 use crate::optimizer::SamOptimizerRecord;
 
 /// A checkpointing strategy that snapshots the SAM state whenever the wrapped strategy saves.
-pub struct SamCheckpointing<S> {
+pub(super) struct SamCheckpointing<S> {
     inner: S,
     handle: SamHandle,
 }
@@ -34,7 +34,13 @@ impl<S: CheckpointingStrategy> CheckpointingStrategy for SamCheckpointing<S> {
     fn checkpointing(&mut self, epoch: usize, collector: &EventStoreClient) -> Vec<CheckpointingAction> {
         let actions = self.inner.checkpointing(epoch, collector);
         if actions.contains(&CheckpointingAction::Save) {
-            self.handle.snapshot(epoch);
+            if let Err(message) = self.handle.snapshot(epoch) {
+                // Writing on would store checkpoints without their SAM state.
+                if let Some(interrupter) = self.handle.interrupter() {
+                    interrupter.fail(TrainingError::Checkpoint(CheckpointerError::Unknown(message)));
+                }
+                return Vec::new();
+            }
         }
         actions
     }
@@ -42,7 +48,7 @@ impl<S: CheckpointingStrategy> CheckpointingStrategy for SamCheckpointing<S> {
 
 /// The optimizer checkpointer: writes `{name}-{epoch}.bpk` holding the base optimizer's record
 /// and the SAM state snapshotted for that epoch; restoring hands the SAM state back to the handle.
-pub struct SamCheckpointer {
+pub(super) struct SamCheckpointer {
     directory: PathBuf,
     name: String,
     handle: SamHandle,
@@ -50,7 +56,7 @@ pub struct SamCheckpointer {
 
 impl SamCheckpointer {
     /// Files go to `directory/{name}-{epoch}.bpk`.
-    pub fn new(directory: impl AsRef<Path>, name: &str, handle: &SamHandle) -> Self {
+    fn new(directory: impl AsRef<Path>, name: &str, handle: &SamHandle) -> Self {
         Self { directory: directory.as_ref().to_path_buf(), name: name.to_string(), handle: handle.clone() }
     }
 
@@ -67,8 +73,8 @@ impl Checkpointer<OptimizerRecord> for SamCheckpointer {
     fn save(&self, epoch: usize, record: OptimizerRecord) -> Result<(), CheckpointerError> {
         let engine = self.handle.take_snapshot(epoch).ok_or_else(|| {
             unknown(format!(
-                "no SAM snapshot for epoch {epoch}: wrap the checkpointing strategy with \
-                 `SamHandle::checkpointing` (or use `with_sam_checkpointing`)"
+                "no SAM snapshot for epoch {epoch}: a checkpointing strategy installed after \
+                 `with_sam_checkpointing` replaced SAM's; call `with_sam_checkpointing` last"
             ))
         })?;
         std::fs::create_dir_all(&self.directory).map_err(CheckpointerError::IOError)?;
@@ -247,14 +253,6 @@ impl<R: Checkpoint, C: Checkpointer<R>> Checkpointer<R> for SetMember<C> {
     }
 }
 
-impl SamHandle {
-    /// Wraps a checkpointing strategy so that every checkpoint it asks for also captures the SAM
-    /// state of that moment.
-    pub fn checkpointing<S: CheckpointingStrategy>(&self, strategy: S) -> SamCheckpointing<S> {
-        SamCheckpointing { inner: strategy, handle: self.clone() }
-    }
-}
-
 /// Checkpointing with the SAM state in one call on [`SupervisedTraining`].
 pub trait SamTrainingExt: Sized {
     /// Burn's default checkpoint files in `writer`'s directory (see [`checkpoint_set`]:
@@ -296,6 +294,6 @@ impl<M: LearnerModel> SamTrainingExt for SupervisedTraining<M> {
             },
             member("scheduler"),
         )
-        .with_checkpointing_strategy(handle.checkpointing(strategy))
+        .with_checkpointing_strategy(SamCheckpointing { inner: strategy, handle: handle.clone() })
     }
 }
