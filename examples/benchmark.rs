@@ -372,7 +372,7 @@ impl WindowAccumulator {
     fn close(&mut self, optim: &SamOptimizer, next_start: usize) -> WindowTrace {
         let gate = optim.gate();
         let (changes, level) = match gate.rule() {
-            Rule::Variation(_, v) => (v.last_changes, None),
+            Rule::Variation(_, v) => (v.last_changes(), None),
             Rule::Trend(_, p) => (None, Some(p.level())),
             _ => (None, None),
         };

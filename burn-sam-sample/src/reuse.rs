@@ -212,6 +212,8 @@ pub(crate) enum CheapTerm {
 
 /// The weight of the cache in a cheap step's direction `d = g + weight·cache`.
 #[derive(Clone, Debug)]
+// One value per step, never stored: the size of the tensor variant does not matter.
+#[allow(clippy::large_enum_variant)]
 pub(crate) enum CacheWeight {
     /// Known on the host.
     Scalar(f64),

@@ -57,13 +57,13 @@ impl AeSamConfig {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, Default)]
 pub struct AeSamState {
     /// Moving mean μ of ‖g‖²; `None` until the first observation.
-    pub mean: Option<f64>,
+    pub(crate) mean: Option<f64>,
     /// Moving variance σ² of ‖g‖².
-    pub variance: f64,
+    pub(crate) variance: f64,
     /// The most recent ‖g‖² not yet used for a decision.
-    pub latest: Option<f64>,
+    pub(crate) latest: Option<f64>,
     /// Steps decided so far (t).
-    pub step: u64,
+    pub(crate) step: u64,
 }
 
 impl AeSamState {

@@ -101,17 +101,17 @@ impl TrendConfig {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct TrendState {
     /// Warm-up steps still to run.
-    pub warmup_left: usize,
+    pub(crate) warmup_left: usize,
     /// Accumulated credit toward the next SAM step, in [0, 1).
-    pub credit: f64,
+    pub(crate) credit: f64,
     /// The SAM rate used for the last decision.
-    pub rate: f64,
+    pub(crate) rate: f64,
     /// ln(‖PSF‖/‖g‖) of the last H SAM samples.
-    pub recent: VecDeque<f64>,
+    pub(crate) recent: VecDeque<f64>,
     /// Sum of ln(‖PSF‖/‖g‖) over every SAM sample so far.
-    pub log_ratio_sum: f64,
+    pub(crate) log_ratio_sum: f64,
     /// Number of SAM samples in `log_ratio_sum`.
-    pub samples: u64,
+    pub(crate) samples: u64,
 }
 
 impl TrendState {

@@ -120,26 +120,32 @@ impl VariationConfig {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct VariationState {
     /// Warm-up steps still to run.
-    pub warmup_left: usize,
+    pub(crate) warmup_left: usize,
     /// Post-warm-up iteration counter J (starts at 1; boundaries at multiples of K).
-    pub iteration: u64,
+    pub(crate) iteration: u64,
     /// Quota s: SAM steps per window (real-valued; floor(s) is used).
-    pub quota: f64,
+    pub(crate) quota: f64,
     /// Bernoulli probability p = s/K for a SAM draw inside the window.
-    pub probability: f64,
+    pub(crate) probability: f64,
     /// SAM steps taken in the current window, c.
-    pub taken: i64,
+    pub(crate) taken: i64,
     /// Last K values of ‖PSF‖ over the last N tensors (P).
-    pub psf_norms: VecDeque<f64>,
+    pub(crate) psf_norms: VecDeque<f64>,
     /// Last K values of ‖PSF‖/‖g‖ over the last N tensors (R).
-    pub ratios: VecDeque<f64>,
+    pub(crate) ratios: VecDeque<f64>,
     /// Block variances of the sorted ‖PSF‖ history (V); truncated to K at window boundaries.
-    pub variances: Vec<f64>,
+    pub(crate) variances: Vec<f64>,
     /// Relative changes (m_r, m_v) used at the last boundary, for telemetry.
-    pub last_changes: Option<(f64, f64)>,
+    pub(crate) last_changes: Option<(f64, f64)>,
 }
 
 impl VariationState {
+    /// The relative changes (m_r, m_v) of ‖PSF‖/‖g‖ and of the block variance used at the last
+    /// window boundary; `None` before the first.
+    pub fn last_changes(&self) -> Option<(f64, f64)> {
+        self.last_changes
+    }
+
     pub(crate) fn new(config: &VariationConfig) -> Self {
         let k = config.window;
         Self {
