@@ -23,7 +23,7 @@ use burn::module::Module;
 use burn::nn::loss::CrossEntropyLossConfig;
 use burn::optim::{decay::WeightDecayConfig, momentum::MomentumConfig, SgdConfig};
 use burn::prelude::*;
-use burn_sam_sample::policy::{GatePolicy, Rule};
+use burn_sam_sample::policy::GatePolicy;
 use burn_sam_sample::reuse::{CachePrecision, ReusePolicy};
 use burn_sam_sample::{backend, SamConfig, SamOptimizer};
 use burn_sam_sample_examples::cli::{parse, Precision};
@@ -73,7 +73,7 @@ struct Args {
     /// ASAM's radius (its scale-invariant ascent wants about ten times SAM's).
     #[arg(long, default_value_t = 0.5, value_parser = parse::positive_f64)]
     asam_rho: f64,
-    /// The matched cost of the fixed-rate baselines: periodic-reuse and looksam run SAM every
+    /// The matched cost of the fixed-rate baselines: periodic-reuse and look-sam run SAM every
     /// round(1/budget) steps, rst with probability budget (vsam-trend's own rate is its default).
     #[arg(long, default_value_t = 0.2, value_parser = parse::fraction)]
     budget: f64,
@@ -211,8 +211,8 @@ fn all_variants(budget: f64) -> Vec<Variant> {
         v("vsam-trend", Recipe::Trend),
         v(&format!("periodic{k}-reuse"), Recipe::PeriodicReuse { k }),
         v("periodic25-reuse", Recipe::PeriodicReuse { k: 25 }),
-        v("looksam", Recipe::LookSam { k }),
-        v("aesam", Recipe::AeSam),
+        v("look-sam", Recipe::LookSam { k }),
+        v("ae-sam", Recipe::AeSam),
         v("rst", Recipe::Rst),
     ]
 }
@@ -222,7 +222,13 @@ fn select(all: &[Variant], names: &Option<Vec<String>>) -> Result<Vec<Variant>, 
     names
         .iter()
         .map(|name| {
-            all.iter().find(|v| &v.name == name).cloned().ok_or_else(|| {
+            // The spellings of earlier reports (`docs/benchmarks.md` at 09fe4d2) still work.
+            let name = match name.as_str() {
+                "looksam" => "look-sam",
+                "aesam" => "ae-sam",
+                other => other,
+            };
+            all.iter().find(|v| v.name == name).cloned().ok_or_else(|| {
                 let known: Vec<&str> = all.iter().map(|v| v.name.as_str()).collect();
                 format!("unknown method `{name}`; known: {}", known.join(", "))
             })
@@ -371,11 +377,7 @@ impl WindowAccumulator {
 
     fn close(&mut self, optim: &SamOptimizer, next_start: usize) -> WindowTrace {
         let gate = optim.gate();
-        let (changes, level) = match gate.rule() {
-            Rule::Variation(_, v) => (v.last_changes(), None),
-            Rule::Trend(_, p) => (None, Some(p.level())),
-            _ => (None, None),
-        };
+        let (changes, level) = (gate.variation_changes(), gate.trend_level());
         let trace = WindowTrace {
             start_step: self.start_step,
             sam_steps: self.sam_steps,
@@ -810,7 +812,7 @@ fn header(args: &Args, train_len: usize, test_len: usize, minutes: f64, device: 
     let k = ((1.0 / args.budget).round() as usize).max(1);
     let _ = writeln!(
         out,
-        "- methods: ρ = {} for every SAM method but ASAM (ρ = {}); `vsam` is the authors' rule (`SamConfig::vsam`) with the warm-up scaled to the run ({} steps; `vsam-3ep`: the authors' fixed 3 epochs, {} steps); `vsam-noreuse` is the same gate without PSF reuse; `vsam-trend` is the opt-in variant (`SamConfig::vsam_trend`, its defaults); `periodic{k}-reuse` and `periodic25-reuse` run SAM every {k} and 25 steps with vSAM's decayed PSF reuse; `looksam` runs SAM every {k} steps (α = 0.7); `rst` with probability {}; `aesam` with its paper's defaults",
+        "- methods: ρ = {} for every SAM method but ASAM (ρ = {}); `vsam` is the authors' rule (`SamConfig::vsam`) with the warm-up scaled to the run ({} steps; `vsam-3ep`: the authors' fixed 3 epochs, {} steps); `vsam-noreuse` is the same gate without PSF reuse; `vsam-trend` is the opt-in variant (`SamConfig::vsam_trend`, its defaults); `periodic{k}-reuse` and `periodic25-reuse` run SAM every {k} and 25 steps with vSAM's decayed PSF reuse; `look-sam` runs SAM every {k} steps (α = 0.7); `rst` with probability {}; `ae-sam` with its paper's defaults",
         args.rho,
         args.asam_rho,
         scaled_warmup(steps_per_epoch * args.epochs),

@@ -20,7 +20,7 @@ fn configs() -> Vec<(&'static str, SamConfig)> {
                 TrendConfig::new().with_warmup_steps(4).with_history(5).with_base_fraction(0.3),
             )),
         ),
-        ("looksam", SamConfig::look_sam(3, 0.5)),
+        ("look-sam", SamConfig::look_sam(3, 0.5)),
         ("ae-sam", SamConfig::ae_sam(30).with_policy(GatePolicy::AeSam(AeSamConfig::new(30).with_delta(0.5)))),
         ("rst", SamConfig::rst(0.4).with_seed(5)),
         ("asam", SamConfig::asam()),

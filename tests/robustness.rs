@@ -26,8 +26,8 @@ fn small_vsam(seed: u64) -> SamConfig {
 fn corpus_configs() -> Vec<(&'static str, SamConfig)> {
     vec![
         ("vsam", small_vsam(1)),
-        ("looksam", SamConfig::look_sam(3, 0.5)),
-        ("aesam", SamConfig::new().with_policy(GatePolicy::AeSam(AeSamConfig::new(50))).with_reuse(ReusePolicy::None)),
+        ("look-sam", SamConfig::look_sam(3, 0.5)),
+        ("ae-sam", SamConfig::new().with_policy(GatePolicy::AeSam(AeSamConfig::new(50))).with_reuse(ReusePolicy::None)),
         ("rst", SamConfig::rst(0.5).with_seed(2)),
     ]
 }

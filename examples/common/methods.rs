@@ -16,9 +16,11 @@ pub enum Method {
     /// vSAM-trend: about 15–25 % SAM steps, more while the PSF ratio is above its run average.
     VsamTrend,
     /// LookSAM: SAM every 5 steps, the orthogonal part of g_s reused in between.
-    Looksam,
+    #[value(alias = "looksam")]
+    LookSam,
     /// AE-SAM: SAM when ‖g‖² is unusually large.
-    Aesam,
+    #[value(alias = "aesam")]
+    AeSam,
     /// RST: SAM with probability 0.5 on each step.
     Rst,
 }
@@ -31,12 +33,14 @@ impl Method {
         Method::Asam,
         Method::Vsam,
         Method::VsamTrend,
-        Method::Looksam,
-        Method::Aesam,
+        Method::LookSam,
+        Method::AeSam,
         Method::Rst,
     ];
 
-    /// The lower-case name used on the command line and in tables.
+    /// The kebab-case name used on the command line and in tables, spelled as the library
+    /// names the rules (`ReusePolicy::LookSam` is `look-sam`, `GatePolicy::AeSam` is `ae-sam`);
+    /// the older spellings `looksam` and `aesam` are still accepted on the command line.
     pub fn name(self) -> &'static str {
         match self {
             Method::Sgd => "sgd",
@@ -44,8 +48,8 @@ impl Method {
             Method::Asam => "asam",
             Method::Vsam => "vsam",
             Method::VsamTrend => "vsam-trend",
-            Method::Looksam => "looksam",
-            Method::Aesam => "aesam",
+            Method::LookSam => "look-sam",
+            Method::AeSam => "ae-sam",
             Method::Rst => "rst",
         }
     }
@@ -59,8 +63,8 @@ impl Method {
             Method::Asam => SamConfig::asam(),
             Method::Vsam => SamConfig::vsam(warmup_steps),
             Method::VsamTrend => SamConfig::vsam_trend(),
-            Method::Looksam => SamConfig::look_sam(5, 0.7),
-            Method::Aesam => SamConfig::ae_sam(total_steps.max(1)),
+            Method::LookSam => SamConfig::look_sam(5, 0.7),
+            Method::AeSam => SamConfig::ae_sam(total_steps.max(1)),
             Method::Rst => SamConfig::rst(0.5),
         };
         let config = match rho {

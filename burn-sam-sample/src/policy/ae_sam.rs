@@ -55,7 +55,7 @@ impl AeSamConfig {
 
 /// Mutable state of the AE-SAM gate.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, Default)]
-pub struct AeSamState {
+pub(crate) struct AeSamState {
     /// Moving mean μ of ‖g‖²; `None` until the first observation.
     pub(crate) mean: Option<f64>,
     /// Moving variance σ² of ‖g‖².

@@ -9,9 +9,12 @@ mod ae_sam;
 mod trend;
 mod variation;
 
-pub use ae_sam::{AeSamConfig, AeSamState};
-pub use trend::{TrendConfig, TrendState};
-pub use variation::{VariationConfig, VariationState};
+pub use ae_sam::AeSamConfig;
+pub(crate) use ae_sam::AeSamState;
+pub use trend::TrendConfig;
+pub(crate) use trend::TrendState;
+pub use variation::VariationConfig;
+pub(crate) use variation::VariationState;
 
 use burn::config::Config;
 use rand::{Rng, SeedableRng};
@@ -116,7 +119,7 @@ impl PsfStats {
 /// A gate's rule: each policy's configuration paired with the state it drives, so that a rule
 /// can never meet the state of another.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub enum Rule {
+pub(crate) enum Rule {
     /// Every step is a SAM step.
     Always,
     /// No step is a SAM step.
@@ -288,18 +291,28 @@ impl Gate {
         matches!(self.rule, Rule::AeSam(..))
     }
 
-    /// The rule this gate runs, with its state.
-    pub fn rule(&self) -> &Rule {
-        &self.rule
+    /// vSAM's relative changes (m_r, m_v) of ‖PSF‖/‖g‖ and of the block variance at the last
+    /// window boundary; `None` for other gates and before the first boundary.
+    pub fn variation_changes(&self) -> Option<(f64, f64)> {
+        match &self.rule {
+            Rule::Variation(_, state) => state.last_changes,
+            _ => None,
+        }
     }
 
-    /// Steps decided so far.
-    pub fn steps(&self) -> u64 {
-        self.steps
+    /// vSAM-trend's level signal z (the recent mean of ln ‖PSF‖/‖g‖ minus its mean over the run,
+    /// 0 without samples); `None` for other gates.
+    pub fn trend_level(&self) -> Option<f64> {
+        match &self.rule {
+            Rule::Trend(_, state) => Some(state.level()),
+            _ => None,
+        }
     }
 
-    /// Steps decided as SAM steps so far.
-    pub fn sam_steps(&self) -> u64 {
+    /// Decisions for a SAM step so far. (The run's counters are the engine's, in
+    /// `StepTelemetry`; the gate counts its decisions for `Periodic`'s schedule and its checks.)
+    #[cfg(test)]
+    pub(crate) fn sam_decisions(&self) -> u64 {
         self.sam_steps
     }
 
@@ -442,7 +455,7 @@ mod tests {
                 .map(|_| {
                     let sam = gate.decide();
                     if sam {
-                        let norm = 1.01f64.powi(gate.sam_steps() as i32);
+                        let norm = 1.01f64.powi(gate.sam_decisions() as i32);
                         gate.observe_sam(PsfStats { psf_norm: norm, ratio: norm / 10.0 });
                     }
                     sam

@@ -99,7 +99,7 @@ impl TrendConfig {
 
 /// Mutable state of the trend gate; serializable so that a run resumes exactly.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct TrendState {
+pub(crate) struct TrendState {
     /// Warm-up steps still to run.
     pub(crate) warmup_left: usize,
     /// Accumulated credit toward the next SAM step, in [0, 1).

@@ -118,7 +118,7 @@ impl VariationConfig {
 
 /// Mutable state of the variation gate; serializable so that a run resumes exactly.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct VariationState {
+pub(crate) struct VariationState {
     /// Warm-up steps still to run.
     pub(crate) warmup_left: usize,
     /// Post-warm-up iteration counter J (starts at 1; boundaries at multiples of K).
@@ -140,12 +140,6 @@ pub struct VariationState {
 }
 
 impl VariationState {
-    /// The relative changes (m_r, m_v) of ‖PSF‖/‖g‖ and of the block variance used at the last
-    /// window boundary; `None` before the first.
-    pub fn last_changes(&self) -> Option<(f64, f64)> {
-        self.last_changes
-    }
-
     pub(crate) fn new(config: &VariationConfig) -> Self {
         let k = config.window;
         Self {
