@@ -15,7 +15,6 @@ use burn::data::dataset::InMemDataset;
 use burn::module::{Module, Param};
 use burn::nn::loss::CrossEntropyLossConfig;
 use burn::nn::{Dropout, DropoutConfig, Linear, LinearConfig};
-use burn::optim::{momentum::MomentumConfig, ModuleOptimizer, SgdConfig};
 use burn::prelude::*;
 use burn::store::ModuleRecord;
 use burn::tensor::activation::relu;
@@ -26,7 +25,7 @@ use burn_sam_sample::learner::{
 };
 use burn_sam_sample::policy::{GatePolicy, VariationConfig};
 use burn_sam_sample::{SamConfig, SamOptimizer, SamOptimizerRecord};
-use burn_sam_sample_tests::{device, normal, params};
+use burn_sam_sample_tests::{device, normal, params, sgd_momentum_undamped};
 use rand::{Rng, SeedableRng};
 
 const BATCH: usize = 16;
@@ -144,10 +143,6 @@ fn config() -> SamConfig {
     SamConfig::new().with_policy(GatePolicy::Variation(variation)).with_seed(SEED)
 }
 
-fn base() -> ModuleOptimizer {
-    SgdConfig::new().with_momentum(Some(MomentumConfig::new().with_momentum(0.9).with_dampening(0.0))).init()
-}
-
 fn bits(model: &DropNet) -> Vec<Vec<u32>> {
     params(model).into_iter().map(|(_, v)| v.into_iter().map(f32::to_bits).collect()).collect()
 }
@@ -169,10 +164,10 @@ fn custom_epochs(model: DropNet, optim: &mut SamOptimizer, from: usize, to: usiz
 
 fn custom_loop_resumes_exactly() {
     let device = device();
-    let mut optim = config().init(base()).unwrap();
+    let mut optim = config().init(sgd_momentum_undamped()).unwrap();
     let straight = custom_epochs(DropNet::new(&device), &mut optim, 1, 4);
 
-    let mut optim = config().init(base()).unwrap();
+    let mut optim = config().init(sgd_momentum_undamped()).unwrap();
     let half = custom_epochs(DropNet::new(&device), &mut optim, 1, 2);
     let model_bytes = half.clone().into_record().into_bytes().unwrap();
     let optim_bytes = optim.to_record().into_bytes().unwrap();
@@ -181,7 +176,7 @@ fn custom_loop_resumes_exactly() {
     // A new process: fresh model and optimizer, state loaded, the loader at epoch 3.
     let fresh = DropNet::new(&device);
     let resumed = fresh.try_load_record(ModuleRecord::from_bytes(model_bytes).unwrap()).unwrap();
-    let mut optim = config().init(base()).unwrap();
+    let mut optim = config().init(sgd_momentum_undamped()).unwrap();
     optim.load_record(SamOptimizerRecord::from_bytes(optim_bytes).unwrap(), &resumed).unwrap();
     let resumed = custom_epochs(resumed, &mut optim, 3, 4);
     assert!(optim.telemetry().sam_steps > 0 && optim.telemetry().sam_fraction < 1.0, "{:?}", optim.telemetry());
@@ -202,7 +197,7 @@ fn learner_run(dir: &Path, epochs: usize, resume: Option<usize>) -> DropNet {
         verify_checkpoint(&checkpoint_set(dir), epoch, epoch + 1, &config()).unwrap();
         training = training.checkpoint(epoch);
     }
-    let result = training.launch(Learner::new(model, base(), LR));
+    let result = training.launch(Learner::new(model, sgd_momentum_undamped(), LR));
     assert!(result.error.is_none(), "{:?}", result.error);
     let _ = handle;
     result.model.into_inner()
@@ -236,14 +231,14 @@ fn burns_loader_does_not_resume_exactly() {
         model
     };
     device.seed(SEED);
-    let mut optim = config().init(base()).unwrap();
+    let mut optim = config().init(sgd_momentum_undamped()).unwrap();
     let straight = run(DropNet::new(&device), &mut optim, 2);
     device.seed(SEED);
-    let mut optim = config().init(base()).unwrap();
+    let mut optim = config().init(sgd_momentum_undamped()).unwrap();
     let first = run(DropNet::new(&device), &mut optim, 1);
     let bytes = optim.to_record().into_bytes().unwrap();
     device.seed(SEED);
-    let mut optim = config().init(base()).unwrap();
+    let mut optim = config().init(sgd_momentum_undamped()).unwrap();
     optim.load_record(SamOptimizerRecord::from_bytes(bytes).unwrap(), &first).unwrap();
     let resumed = run(first, &mut optim, 1);
     assert_ne!(bits(&resumed), bits(&straight), "Burn's loader restarts its order from the seed");

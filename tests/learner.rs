@@ -13,7 +13,7 @@ use burn::lr_scheduler::module_lr_scheduler::ModuleLearningRate;
 use burn::module::Module;
 use burn::nn::loss::CrossEntropyLossConfig;
 use burn::nn::{Linear, LinearConfig};
-use burn::optim::{momentum::MomentumConfig, GradientsParams, ModuleOptimizer, MultiGradientsParams, SgdConfig};
+use burn::optim::{GradientsParams, ModuleOptimizer, MultiGradientsParams};
 use burn::prelude::*;
 use burn::tensor::activation::relu;
 use burn::train::checkpoint::KeepLastNCheckpoints;
@@ -28,7 +28,7 @@ use burn_sam_sample::learner::{
 };
 use burn_sam_sample::policy::{GatePolicy, VariationConfig};
 use burn_sam_sample::SamConfig;
-use burn_sam_sample_tests::{cast_module, device, half_device, normal, params};
+use burn_sam_sample_tests::{cast_module, device, half_device, normal, params, sgd_momentum_undamped};
 
 const BATCH: usize = 16;
 const TRAIN_ITEMS: usize = 96; // 6 steps per epoch
@@ -188,10 +188,6 @@ impl InferenceStep for Net {
     }
 }
 
-fn base() -> ModuleOptimizer {
-    SgdConfig::new().with_momentum(Some(MomentumConfig::new().with_momentum(0.9).with_dampening(0.0))).init()
-}
-
 fn vsam() -> SamConfig {
     let variation = VariationConfig::new(3).with_window(4).with_blocks(2);
     SamConfig::new().with_policy(GatePolicy::Variation(variation)).with_seed(7)
@@ -249,7 +245,7 @@ fn two_epochs_log_sam_metrics_that_match_the_passes_run() {
     let device = device();
     let model = Probe::new(&device, &vsam());
     let (calls, decisions, handle) = (model.net().forward_calls.clone(), model.decisions.clone(), model.handle());
-    let result = training(dir.path(), 2).launch(Learner::new(model, base(), LR));
+    let result = training(dir.path(), 2).launch(Learner::new(model, sgd_momentum_undamped(), LR));
     assert!(result.error.is_none(), "{:?}", result.error);
 
     let steps = 2 * TRAIN_ITEMS / BATCH;
@@ -282,13 +278,15 @@ fn resuming_from_a_checkpoint_is_exact() {
     let straight = Probe::new(&device, &vsam());
     let straight_decisions = straight.decisions.clone();
     let handle = straight.handle();
-    let straight = checkpointed(straight_dir.path(), 3, &handle, 3).launch(Learner::new(straight, base(), LR)).model;
+    let straight = checkpointed(straight_dir.path(), 3, &handle, 3)
+        .launch(Learner::new(straight, sgd_momentum_undamped(), LR))
+        .model;
 
     let dir = tempfile::tempdir().unwrap();
     let first = Probe::new(&device, &vsam());
     let mut decisions = first.decisions.clone();
     let handle = first.handle();
-    checkpointed(dir.path(), 2, &handle, 3).launch(Learner::new(first, base(), LR));
+    checkpointed(dir.path(), 2, &handle, 3).launch(Learner::new(first, sgd_momentum_undamped(), LR));
     let mut all = decisions.lock().unwrap().clone();
 
     // A new process would check the checkpoint first, then build a fresh model and handle and
@@ -304,7 +302,7 @@ fn resuming_from_a_checkpoint_is_exact() {
     let resumed = training(dir.path(), 3)
         .checkpoint(2)
         .with_sam_checkpointing(&checkpoint_set(dir.path()).writer().unwrap(), &handle, KeepLastNCheckpoints::new(3))
-        .launch(Learner::new(fresh, base(), LR))
+        .launch(Learner::new(fresh, sgd_momentum_undamped(), LR))
         .model;
     all.extend(decisions.lock().unwrap().iter());
     assert_eq!(handle.telemetry().step as usize, 3 * TRAIN_ITEMS / BATCH, "the SAM state was restored");
@@ -324,7 +322,7 @@ fn run_with_checkpoints(dir: &Path, epochs: usize, resume: Option<usize>) -> (Ve
     if let Some(epoch) = resume {
         training = training.checkpoint(epoch);
     }
-    let model = training.launch(Learner::new(model, base(), LR)).model;
+    let model = training.launch(Learner::new(model, sgd_momentum_undamped(), LR)).model;
     let decisions = decisions.lock().unwrap().clone();
     (decisions, model)
 }
@@ -358,7 +356,7 @@ fn many_short_multi_device_runs_neither_race_nor_deadlock() {
             let result = training(dir.path(), 1)
                 .grads_accumulation(if run % 2 == 0 { 1 } else { 2 })
                 .with_training_strategy(strategy.into())
-                .launch(Learner::new(model, base(), LR));
+                .launch(Learner::new(model, sgd_momentum_undamped(), LR));
             assert!(result.error.is_none(), "run {run}: {:?}", result.error);
             let decisions = decisions.lock().unwrap().clone();
             let per_round = if run % 2 == 0 { 2 } else { 4 };
@@ -382,8 +380,11 @@ fn checkpointers_installed_after_sam_checkpointing_stop_the_run() {
     let handle = model.handle();
     // Burn's default checkpointers replace SAM's optimizer checkpointer: its files would hold no
     // SAM state. The third checkpoint finds the first one's state never written and stops.
-    let result =
-        checkpointed(dir.path(), 4, &handle, 4).with_default_checkpointers().launch(Learner::new(model, base(), LR));
+    let result = checkpointed(dir.path(), 4, &handle, 4).with_default_checkpointers().launch(Learner::new(
+        model,
+        sgd_momentum_undamped(),
+        LR,
+    ));
     let error = result.error.map(|e| e.to_string()).unwrap_or_default();
     assert!(error.contains("never written") && error.contains("with_sam_checkpointing"), "{error:?}");
     assert!(handle.failure().is_some());
@@ -396,9 +397,9 @@ fn the_always_gate_in_the_learner_is_the_custom_loop_sam() {
     let device = device();
     let model = Probe::new(&device, &SamConfig::sam());
     let initial = model.clone();
-    let learned = training(dir.path(), 1).launch(Learner::new(model, base(), LR)).model;
+    let learned = training(dir.path(), 1).launch(Learner::new(model, sgd_momentum_undamped(), LR)).model;
 
-    let mut optim = SamConfig::sam().init(base()).unwrap();
+    let mut optim = SamConfig::sam().init(sgd_momentum_undamped()).unwrap();
     let mut model = initial.net().clone();
     let (train, _) = loaders();
     for batch in train.to_device(&device).iter() {
@@ -425,7 +426,7 @@ fn gradient_accumulation_shares_one_decision_per_optimizer_step() {
     let config = SamConfig::rst(0.5).with_seed(3);
     let model = Probe::new(&device, &config);
     let (decisions, handle) = (model.decisions.clone(), model.handle());
-    let result = training(dir.path(), 2).grads_accumulation(2).launch(Learner::new(model, base(), LR));
+    let result = training(dir.path(), 2).grads_accumulation(2).launch(Learner::new(model, sgd_momentum_undamped(), LR));
     assert!(result.error.is_none());
     let decisions = decisions.lock().unwrap().clone();
     assert_eq!(decisions.len(), 2 * TRAIN_ITEMS / BATCH);
@@ -441,8 +442,11 @@ fn two_cpu_devices_take_the_same_decision_each_step() {
     let model = Probe::new(&device, &vsam());
     let (decisions, handle) = (model.decisions.clone(), model.handle());
     let strategy = ExecutionStrategy::multi(vec![device.clone(), device.clone()], MultiDeviceOptim::OptimMainDevice);
-    let result =
-        training(dir.path(), 2).with_training_strategy(strategy.into()).launch(Learner::new(model, base(), LR));
+    let result = training(dir.path(), 2).with_training_strategy(strategy.into()).launch(Learner::new(
+        model,
+        sgd_momentum_undamped(),
+        LR,
+    ));
     assert!(result.error.is_none(), "{:?}", result.error);
     let decisions = decisions.lock().unwrap().clone();
     assert_eq!(decisions.len(), 2 * TRAIN_ITEMS / BATCH);
@@ -465,7 +469,7 @@ fn ddp_training(dir: &Path, devices: Vec<Device>) -> (SupervisedTraining<Probe>,
         all_reduce_op: burn::tensor::distributed::ReduceOperation::Mean,
     };
     let training = training(dir, 1).with_training_strategy(ExecutionStrategy::ddp(devices, config).into());
-    (training, Learner::new(model, base(), LR))
+    (training, Learner::new(model, sgd_momentum_undamped(), LR))
 }
 
 #[test]
@@ -487,7 +491,7 @@ fn checkpoint_sets_are_sealed_and_incomplete_or_damaged_ones_are_refused() {
     std::fs::write(folder.join("model-9.bpk.4242-0.tmp"), "left by a killed run").unwrap();
     let model = Probe::new(&device(), &vsam());
     let handle = model.handle();
-    let result = checkpointed(dir.path(), 3, &handle, 2).launch(Learner::new(model, base(), LR));
+    let result = checkpointed(dir.path(), 3, &handle, 2).launch(Learner::new(model, sgd_momentum_undamped(), LR));
     assert!(result.error.is_none(), "{:?}", result.error);
     assert!(!folder.join("model-9.bpk.4242-0.tmp").exists(), "stale temporary files are removed");
     // Kept: epochs 2 and 3, each sealed; epoch 1 was deleted with its manifest.
@@ -523,7 +527,7 @@ fn a_restored_state_that_does_not_fit_is_refused_before_training_and_never_panic
     for dir in [&a, &b] {
         let model = Probe::new(&device(), &vsam());
         let handle = model.handle();
-        let result = checkpointed(dir.path(), 2, &handle, 3).launch(Learner::new(model, base(), LR));
+        let result = checkpointed(dir.path(), 2, &handle, 3).launch(Learner::new(model, sgd_momentum_undamped(), LR));
         assert!(result.error.is_none(), "{:?}", result.error);
     }
     let (a_set, b_set) = (checkpoint_set(a.path()), checkpoint_set(b.path()));
@@ -538,7 +542,7 @@ fn a_restored_state_that_does_not_fit_is_refused_before_training_and_never_panic
     let result = training(a.path(), 3)
         .checkpoint(2)
         .with_sam_checkpointing(&a_set.writer().unwrap(), &handle, KeepLastNCheckpoints::new(3))
-        .launch(Learner::new(model, base(), LR));
+        .launch(Learner::new(model, sgd_momentum_undamped(), LR));
     let err = result.error.expect("the run must fail").to_string();
     assert!(err.contains("cannot continue this run") && err.contains("missing from the module"), "{err}");
     assert!(handle.failure().is_some_and(|failure| err.contains(&failure)), "{:?}", handle.failure());
@@ -551,7 +555,7 @@ fn a_resume_with_nothing_left_to_train_is_an_error_naming_both_numbers() {
     let dir = tempfile::tempdir().unwrap();
     let model = Probe::new(&device(), &vsam());
     let handle = model.handle();
-    checkpointed(dir.path(), 2, &handle, 3).launch(Learner::new(model, base(), LR));
+    checkpointed(dir.path(), 2, &handle, 3).launch(Learner::new(model, sgd_momentum_undamped(), LR));
     // Burn's default is one epoch: `.checkpoint(2)` without `.num_epochs(..)` would train nothing.
     let err = verify_checkpoint(&checkpoint_set(dir.path()), 2, 1, &vsam()).unwrap_err().to_string();
     assert!(err.contains("plans 1 epoch(s)") && err.contains("after epoch 2"), "{err}");
@@ -580,8 +584,11 @@ fn a_bf16_model_learns_the_task_in_the_learner() {
         let before = accuracy(&model, &valid, &device);
         let handle = model.handle();
         let strategy = ExecutionStrategy::SingleDevice(device.clone());
-        let result =
-            training(dir.path(), 4).with_training_strategy(strategy.into()).launch(Learner::new(model, base(), LR));
+        let result = training(dir.path(), 4).with_training_strategy(strategy.into()).launch(Learner::new(
+            model,
+            sgd_momentum_undamped(),
+            LR,
+        ));
         assert!(result.error.is_none(), "{dtype:?}: {:?}", result.error);
         let model = result.model;
         assert_eq!(model.net().l1.weight.val().dtype(), dtype, "the parameters stay {dtype:?}");

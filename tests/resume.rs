@@ -1,14 +1,9 @@
 //! Save at step 13, load into a fresh optimizer, continue: identical to an uninterrupted run.
 
-use burn::optim::{momentum::MomentumConfig, ModuleOptimizer, SgdConfig};
 use burn::tensor::Bytes;
 use burn_sam_sample::policy::{AeSamConfig, GatePolicy, TrendConfig, VariationConfig};
 use burn_sam_sample::{SamConfig, SamError, SamOptimizer, SamOptimizerRecord};
-use burn_sam_sample_tests::{device, params, random_mlp, train_steps, Mlp};
-
-fn base() -> ModuleOptimizer {
-    SgdConfig::new().with_momentum(Some(MomentumConfig::new().with_momentum(0.9))).init()
-}
+use burn_sam_sample_tests::{device, params, random_mlp, sgd_momentum, train_steps, Mlp};
 
 fn configs() -> Vec<(&'static str, SamConfig)> {
     let variation = VariationConfig::new(4).with_window(10).with_blocks(2);
@@ -41,13 +36,13 @@ fn check_resume(name: &str, config: SamConfig, via: Via) {
     let model = random_mlp(&device, 21);
 
     let mut straight_decisions = Vec::new();
-    let mut sam = config.init(base()).unwrap();
+    let mut sam = config.init(sgd_momentum()).unwrap();
     let straight = train(&mut sam, model.clone(), 0..30, &mut straight_decisions);
 
     let mut decisions = Vec::new();
-    let mut sam = config.init(base()).unwrap();
+    let mut sam = config.init(sgd_momentum()).unwrap();
     let half = train(&mut sam, model, 0..13, &mut decisions);
-    let mut fresh = config.init(base()).unwrap();
+    let mut fresh = config.init(sgd_momentum()).unwrap();
     match via {
         Via::Bytes => {
             let bytes: Bytes = sam.to_record().into_bytes().unwrap();
@@ -88,7 +83,7 @@ fn resume_through_a_file_is_bit_exact() {
 }
 
 fn trained(config: &SamConfig) -> (SamOptimizer, Mlp) {
-    let mut sam = config.init(base()).unwrap();
+    let mut sam = config.init(sgd_momentum()).unwrap();
     let model = train(&mut sam, random_mlp(&device(), 21), 0..6, &mut Vec::new());
     (sam, model)
 }
@@ -102,7 +97,7 @@ fn loading_into_another_module_names_the_first_mismatch() {
     // Fresh parameters: the ids of the record are missing.
     let other = random_mlp(&device(), 21);
     let err = config
-        .init(base())
+        .init(sgd_momentum())
         .unwrap()
         .load_record(SamOptimizerRecord::from_bytes(record()).unwrap(), &other)
         .unwrap_err();
@@ -116,7 +111,7 @@ fn loading_into_another_module_names_the_first_mismatch() {
     wrong.l1.weight =
         wrong.l1.weight.map(|w| burn::tensor::Tensor::from_inner(w.inner().slice([0..5, 0..16])).require_grad());
     let err = config
-        .init(base())
+        .init(sgd_momentum())
         .unwrap()
         .load_record(SamOptimizerRecord::from_bytes(record()).unwrap(), &wrong)
         .unwrap_err();
@@ -124,21 +119,21 @@ fn loading_into_another_module_names_the_first_mismatch() {
 
     // Another policy.
     let err = SamConfig::sam()
-        .init(base())
+        .init(sgd_momentum())
         .unwrap()
         .load_record(SamOptimizerRecord::from_bytes(record()).unwrap(), &model)
         .unwrap_err();
     assert!(err.to_string().contains("reuse rule"), "{err}");
     let err = SamConfig::look_sam(2, 0.5)
         .with_policy(GatePolicy::Always)
-        .init(base())
+        .init(sgd_momentum())
         .unwrap()
         .load_record(SamOptimizerRecord::from_bytes(record()).unwrap(), &model)
         .unwrap_err();
     assert!(err.to_string().contains("gate policy"), "{err}");
 
     // A failed load leaves the optimizer usable and unchanged.
-    let mut target = config.init(base()).unwrap();
+    let mut target = config.init(sgd_momentum()).unwrap();
     assert!(target.load_record(SamOptimizerRecord::from_bytes(record()).unwrap(), &other).is_err());
     assert_eq!(target.telemetry().step, 0);
 }

@@ -2,20 +2,15 @@
 
 use std::path::PathBuf;
 
-use burn::optim::{momentum::MomentumConfig, ModuleOptimizer, SgdConfig};
 use burn::tensor::Bytes;
 use burn_sam_sample::policy::{AeSamConfig, GatePolicy, VariationConfig};
 use burn_sam_sample::reuse::ReusePolicy;
 use burn_sam_sample::{SamConfig, SamError, SamOptimizer, SamOptimizerRecord};
-use burn_sam_sample_tests::{device, params, random_batch, random_mlp, train_steps, Mlp};
+use burn_sam_sample_tests::{device, params, random_batch, random_mlp, sgd_momentum, train_steps, Mlp};
 use proptest::prelude::*;
 use rand::{Rng, SeedableRng};
 
 const LR: f64 = 0.05;
-
-fn base() -> ModuleOptimizer {
-    SgdConfig::new().with_momentum(Some(MomentumConfig::new().with_momentum(0.9))).init()
-}
 
 fn small_vsam(seed: u64) -> SamConfig {
     let variation = VariationConfig::new(5).with_window(6).with_blocks(2);
@@ -42,7 +37,7 @@ fn corpus() -> Vec<(SamConfig, Vec<u8>, Mlp)> {
     corpus_configs()
         .into_iter()
         .map(|(_, config)| {
-            let mut sam = config.init(base()).unwrap();
+            let mut sam = config.init(sgd_momentum()).unwrap();
             let model = train(&mut sam, random_mlp(&device(), 4), 0..9, &mut Vec::new());
             (config, sam.to_record().into_bytes().unwrap().to_vec(), model)
         })
@@ -53,7 +48,7 @@ fn corpus() -> Vec<(SamConfig, Vec<u8>, Mlp)> {
 fn load_hostile(config: &SamConfig, bytes: &[u8], model: &Mlp) {
     let record = SamOptimizerRecord::from_bytes(Bytes::from_bytes_vec(bytes.to_vec()));
     let Ok(record) = record else { return };
-    let mut sam = config.init(base()).unwrap();
+    let mut sam = config.init(sgd_momentum()).unwrap();
     if sam.load_record(record, model).is_ok() {
         let t = sam.telemetry();
         assert!(t.sam_fraction.is_finite());
@@ -155,7 +150,7 @@ fn fuzz_records_for_a_while() {
         executions += 1;
         if let Ok(record) = SamOptimizerRecord::from_bytes(Bytes::from_bytes_vec(input.clone())) {
             decoded += 1;
-            let mut sam = config.init(base()).unwrap();
+            let mut sam = config.init(sgd_momentum()).unwrap();
             if sam.load_record(record, model).is_ok() {
                 loaded += 1;
                 let after = train(&mut sam, model.clone(), 0..1, &mut Vec::new());
@@ -176,7 +171,7 @@ fn fuzz_records_for_a_while() {
 fn nan_storms_leave_cache_and_gate_finite_and_are_counted() {
     let device = device();
     for (name, config) in corpus_configs() {
-        let mut sam = config.init(base()).unwrap();
+        let mut sam = config.init(sgd_momentum()).unwrap();
         let mut model = random_mlp(&device, 5);
         let mut rng = rand::rngs::StdRng::seed_from_u64(3);
         let mut injected = 0u64;
@@ -205,7 +200,7 @@ fn nan_storms_leave_cache_and_gate_finite_and_are_counted() {
             assert!(data.iter::<f32>().all(f32::is_finite), "{name}: cache");
         }
         // A round trip through the record validates the gate state (finite, in range).
-        let mut fresh = config.init(base()).unwrap();
+        let mut fresh = config.init(sgd_momentum()).unwrap();
         fresh
             .load_record(SamOptimizerRecord::from_bytes(sam.to_record().into_bytes().unwrap()).unwrap(), &model)
             .unwrap();
@@ -219,13 +214,13 @@ proptest! {
         let (_, config) = corpus_configs().swap_remove(which);
         let model = random_mlp(&device(), 8);
         let mut straight = Vec::new();
-        let mut sam = config.init(base()).unwrap();
+        let mut sam = config.init(sgd_momentum()).unwrap();
         let expected = train(&mut sam, model.clone(), 0..60, &mut straight);
 
         let mut decisions = Vec::new();
-        let mut sam = config.init(base()).unwrap();
+        let mut sam = config.init(sgd_momentum()).unwrap();
         let half = train(&mut sam, model, 0..t, &mut decisions);
-        let mut resumed = config.init(base()).unwrap();
+        let mut resumed = config.init(sgd_momentum()).unwrap();
         resumed.load_record(SamOptimizerRecord::from_bytes(sam.to_record().into_bytes().unwrap()).unwrap(), &half).unwrap();
         let done = train(&mut resumed, half, t..60, &mut decisions);
         prop_assert_eq!(decisions, straight);
@@ -304,7 +299,7 @@ proptest! {
             .with_seed(seed)
             .with_policy(policy)
             .with_reuse(reuse);
-        match config.init(base()) {
+        match config.init(sgd_momentum()) {
             Ok(_) => prop_assert!(config.validate().is_ok()),
             Err(SamError::InvalidConfig { field, value, .. }) => {
                 prop_assert!(!field.is_empty() && !value.is_empty());
@@ -319,7 +314,7 @@ fn a_non_finite_second_pass_outside_the_statistics_tail_is_caught() {
     let device = device();
     // With N = 1 the statistics cover `l2.bias` only; the NaN reaches `l1.weight`'s g_s alone.
     for config in [SamConfig::sam().with_stats_last_n(1), SamConfig::vsam(2).with_stats_last_n(1)] {
-        let mut sam = config.init(base()).unwrap();
+        let mut sam = config.init(sgd_momentum()).unwrap();
         let model = random_mlp(&device, 5);
         let (x, y) = random_batch(&device, 7);
         let mut calls = 0;

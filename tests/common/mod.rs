@@ -314,3 +314,15 @@ pub fn is_cpu(device: &Device) -> bool {
     let _ = device;
     false
 }
+
+/// SGD with momentum 0.9 (Burn's default dampening), the base optimizer of the custom-loop tests.
+pub fn sgd_momentum() -> burn::optim::ModuleOptimizer {
+    use burn::optim::{momentum::MomentumConfig, SgdConfig};
+    SgdConfig::new().with_momentum(Some(MomentumConfig::new().with_momentum(0.9))).init()
+}
+
+/// SGD with momentum 0.9 and no dampening, the base optimizer of the Learner tests.
+pub fn sgd_momentum_undamped() -> burn::optim::ModuleOptimizer {
+    use burn::optim::{momentum::MomentumConfig, SgdConfig};
+    SgdConfig::new().with_momentum(Some(MomentumConfig::new().with_momentum(0.9).with_dampening(0.0))).init()
+}
