@@ -56,6 +56,12 @@ pub mod advanced {
 #[doc = include_str!("../../README.md")]
 pub struct ReadmeDoctests;
 
+/// `docs/learner.md`'s code blocks, compiled as doc tests (the Learner programs are compiled,
+/// not run: `examples/learner_minimal.rs` runs the same lines).
+#[cfg(all(doctest, feature = "flex", feature = "train"))]
+#[doc = include_str!("../../docs/learner.md")]
+pub struct LearnerDoctests;
+
 /// `docs/precision.md`'s code blocks, compiled and run as doc tests (they configure flex's
 /// default float, so they need the `flex` feature).
 #[cfg(all(doctest, feature = "flex"))]
