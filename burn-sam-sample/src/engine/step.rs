@@ -377,6 +377,54 @@ pub(crate) fn finish_sam<M: Module>(
 mod tests {
     use super::*;
 
+    /// A plan for a cheap step that adds `term` of `cache`.
+    fn cheap_plan(term: crate::reuse::CheapTerm, cache: ReuseCache) -> Plan {
+        Plan {
+            sam: false,
+            term,
+            cache: std::sync::Arc::new(cache),
+            config: crate::SamConfig::vsam(1),
+            wants_grad_norm: false,
+            cheap_non_finite: None,
+        }
+    }
+
+    #[test]
+    fn a_cheap_direction_is_g_plus_the_weighted_cache_and_reads_nothing() {
+        use burn::nn::{Linear, LinearConfig};
+        let device = Device::flex().autodiff();
+        let model: Linear = LinearConfig::new(3, 2).init(&device);
+        let x = Tensor::<2>::from_data([[1.0f32, -2.0, 0.5]], &device);
+        let loss_of = |m: &Linear| m.forward(x.clone()).powi_scalar(2).sum();
+        let g = |m: &Linear| GradientsParams::from_grads(loss_of(m).backward(), m);
+        let reference = g(&model);
+        let g_w: Vec<f32> = reference.get::<2>(model.weight.id).unwrap().into_data().iter::<f32>().collect();
+        // The cache holds the weight's PSF only: the bias has none and keeps g.
+        let psf = Tensor::<1>::from_data([1.0f32, 2.0, 3.0, 4.0, 5.0, 6.0], (&device.clone().inner(), DType::F32));
+        let tensors = HashMap::from([(model.weight.id, psf)]);
+        let layout = [(model.weight.id, DType::F32)];
+        let cache = ReuseCache::new(tensors, &ReusePolicy::decayed_psf(), &layout, &device.clone().inner());
+        for (term, weight) in [(crate::reuse::CheapTerm::Scaled(0.49), 0.49f32), (crate::reuse::CheapTerm::Plain, 0.0)]
+        {
+            let plan = cheap_plan(term, cache.clone());
+            let loss = loss_of(&model);
+            let grads = GradientsParams::from_grads(loss.backward(), &model);
+            let first = first_pass(&plan, &model, grads, &loss);
+            let (direction, contribution) = finish_cheap(&plan, &model, first);
+            let d: Vec<f32> = direction.get::<2>(model.weight.id).unwrap().into_data().iter::<f32>().collect();
+            for (i, (d, g)) in d.iter().zip(&g_w).enumerate() {
+                assert_eq!(*d, g + weight * (i + 1) as f32, "{term:?}, element {i}");
+            }
+            let bias = model.bias.as_ref().unwrap().id;
+            assert_eq!(
+                direction.get::<1>(bias).unwrap().into_data().iter::<f32>().collect::<Vec<_>>(),
+                reference.get::<1>(bias).unwrap().into_data().iter::<f32>().collect::<Vec<_>>()
+            );
+            assert!(contribution.values.is_none() && contribution.cache.is_none(), "a cheap step reads nothing");
+            assert!(contribution.non_finite.is_some(), "guarded: the flag stays on the device");
+        }
+    }
+
     #[test]
     fn storing_in_f16_saturates_and_bf16_rounds_once() {
         let device = Device::flex();
