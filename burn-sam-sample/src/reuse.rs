@@ -278,8 +278,11 @@ mod tests {
         assert_eq!(CachePrecision::Bf16.storage_dtype(DType::F32, &flex), DType::BF16);
         // ndarray has no half precision: the documented fallback (Burn 0.23 removes ndarray).
         #[cfg(feature = "ndarray")]
-        #[allow(deprecated)]
-        assert_eq!(CachePrecision::Bf16.storage_dtype(DType::F32, &Device::ndarray()), DType::F32);
+        {
+            #[allow(deprecated)]
+            let ndarray = Device::ndarray();
+            assert_eq!(CachePrecision::Bf16.storage_dtype(DType::F32, &ndarray), DType::F32);
+        }
     }
 
     #[test]
