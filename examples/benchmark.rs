@@ -8,9 +8,10 @@
 //!
 //! ```text
 //! cargo run --release -p burn-sam-sample-examples --example benchmark -- --out docs/benchmarks.md
-//! cargo run --release -p burn-sam-sample-examples --example benchmark -- --quick --out target/quick.md
+//! cargo run --release -p burn-sam-sample-examples --example benchmark -- --quick
 //! ```
-//! The report's header holds the exact command of the published run.
+//! Without `--out` the report goes to `target/benchmark/benchmarks.md`; `--quick` keeps any
+//! `--epochs`, `--seeds` and subset sizes given with it. The report's header holds the exact command of the published run.
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -40,12 +41,12 @@ use serde::Serialize;
 /// Benchmark the SAM family on Fashion-MNIST.
 #[derive(Parser, Debug, Clone)]
 struct Args {
-    /// Epochs per run.
-    #[arg(long, default_value_t = 6, value_parser = parse::positive_usize)]
-    epochs: usize,
-    /// Seeds per method (seeds 0, 1, …).
-    #[arg(long, default_value_t = 3, value_parser = parse::positive_usize)]
-    seeds: usize,
+    /// Epochs per run (default: 6; 1 with --quick).
+    #[arg(long, value_parser = parse::positive_usize)]
+    epochs: Option<usize>,
+    /// Seeds per method (seeds 0, 1, …; default: 3; 1 with --quick).
+    #[arg(long, value_parser = parse::positive_usize)]
+    seeds: Option<usize>,
     /// Train on the first N images (default: all 60,000).
     #[arg(long, value_parser = parse::positive_usize)]
     train_subset: Option<usize>,
@@ -91,7 +92,9 @@ struct Args {
     /// Flipped training images whose predictions are tracked each epoch (memorization).
     #[arg(long, default_value_t = 1000, value_parser = parse::positive_usize)]
     memorization_images: usize,
-    /// A preset of a few minutes: 2k images, 1 epoch, 1 seed; checks that the tables are complete.
+    /// A preset of a few minutes: 2k training and 1k test images, 1 epoch, 1 seed, unless
+    /// `--train-subset`, `--test-subset`, `--epochs` or `--seeds` say otherwise; checks that the
+    /// tables are complete.
     #[arg(long)]
     quick: bool,
     /// Folder with the Fashion-MNIST files (an error when they are not there).
@@ -111,8 +114,9 @@ struct Args {
     /// Storage of the SAM methods' reuse cache: `params` (the parameters' dtype), `f32` or `bf16`.
     #[arg(long, default_value = "params", value_parser = parse::cache_precision)]
     cache_precision: CachePrecision,
-    /// The markdown report; plots, raw results and the summary go next to it in `<stem>/`.
-    #[arg(long, default_value = "docs/benchmarks.md")]
+    /// The markdown report; plots, raw results and the summary go next to it in `<stem>/`. The
+    /// committed report is `docs/benchmarks.md`, written only when named here.
+    #[arg(long, default_value = "target/benchmark/benchmarks.md")]
     out: PathBuf,
     /// Channels of the CNN's first convolution.
     #[arg(long, default_value_t = 8, value_parser = parse::positive_usize)]
@@ -409,7 +413,7 @@ fn run(
     let seed = setting.seed;
     let train_device = device.clone().autodiff();
     let steps_per_epoch = train.len().div_ceil(args.batch_size);
-    let shape = RunShape { steps_per_epoch, total_steps: steps_per_epoch.saturating_mul(args.epochs) };
+    let shape = RunShape { steps_per_epoch, total_steps: steps_per_epoch.saturating_mul(args.epochs()) };
     let config = variant.config(args, &shape, seed);
     train_device.seed(seed);
     let mut model = CnnConfig::new().with_channels(args.channels).with_hidden(args.hidden).init(&train_device);
@@ -429,7 +433,7 @@ fn run(
     let mut window = WindowAccumulator::default();
     let mut train_seconds = 0.0;
     let mut step = 0usize;
-    for epoch in 1..=args.epochs {
+    for epoch in 1..=args.epochs() {
         order.shuffle(&mut rng);
         for chunk in order.chunks(args.batch_size) {
             let items: Vec<FashionItem> = chunk.iter().filter_map(|&i| train.get(i).ok()).collect();
@@ -466,7 +470,7 @@ fn run(
         seed,
         epochs,
         train_seconds,
-        images: train.len() * args.epochs,
+        images: train.len() * args.epochs(),
         steps: counters.step,
         passes: counters.passes,
         sam_steps: counters.sam_steps,
@@ -798,7 +802,7 @@ fn header(args: &Args, train_len: usize, test_len: usize, minutes: f64, device: 
     let _ = writeln!(
         out,
         "- training: {} epochs, batch {}, SGD (momentum 0.9, weight decay {}), peak learning rate {} ({}); {} seed(s) per method; the same initial weights, data order, augmentation and label noise per seed for every method",
-        args.epochs,
+        args.epochs(),
         args.batch_size,
         args.weight_decay,
         args.lr,
@@ -806,7 +810,7 @@ fn header(args: &Args, train_len: usize, test_len: usize, minutes: f64, device: 
             Schedule::Cosine => "per-step cosine decay to 0",
             Schedule::Constant => "constant",
         },
-        args.seeds
+        args.seeds()
     );
     let steps_per_epoch = train_len.div_ceil(args.batch_size);
     let k = ((1.0 / args.budget).round() as usize).max(1);
@@ -815,7 +819,7 @@ fn header(args: &Args, train_len: usize, test_len: usize, minutes: f64, device: 
         "- methods: ρ = {} for every SAM method but ASAM (ρ = {}); `vsam` is the authors' rule (`SamConfig::vsam`) with the warm-up scaled to the run ({} steps; `vsam-3ep`: the authors' fixed 3 epochs, {} steps); `vsam-noreuse` is the same gate without PSF reuse; `vsam-trend` is the opt-in variant (`SamConfig::vsam_trend`, its defaults); `periodic{k}-reuse` and `periodic25-reuse` run SAM every {k} and 25 steps with vSAM's decayed PSF reuse; `look-sam` runs SAM every {k} steps (α = 0.7); `rst` with probability {}; `ae-sam` with its paper's defaults",
         args.rho,
         args.asam_rho,
-        scaled_warmup(steps_per_epoch * args.epochs),
+        scaled_warmup(steps_per_epoch * args.epochs()),
         3 * steps_per_epoch,
         args.budget
     );
@@ -823,6 +827,18 @@ fn header(args: &Args, train_len: usize, test_len: usize, minutes: f64, device: 
     let _ = writeln!(out, "- training time counts the optimizer steps only (forward, backward, SAM machinery, update), not evaluation; ratios compare methods within this run");
     let _ = writeln!(out, "- total wall-clock of the benchmark: {minutes:.1} min\n");
     out
+}
+
+impl Args {
+    /// Epochs per run: as given, else 6.
+    fn epochs(&self) -> usize {
+        self.epochs.unwrap_or(6)
+    }
+
+    /// Seeds per method: as given, else 3.
+    fn seeds(&self) -> usize {
+        self.seeds.unwrap_or(3)
+    }
 }
 
 fn main() -> ExitCode {
@@ -848,8 +864,8 @@ fn main() -> ExitCode {
 
 fn run_benchmark(mut args: Args) -> Result<(), Box<dyn std::error::Error>> {
     if args.quick {
-        args.epochs = 1;
-        args.seeds = 1;
+        args.epochs.get_or_insert(1);
+        args.seeds.get_or_insert(1);
         args.train_subset = Some(args.train_subset.unwrap_or(2_000));
         args.test_subset = Some(args.test_subset.unwrap_or(1_000));
     }
@@ -881,7 +897,7 @@ fn run_benchmark(mut args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let mut results = Vec::new();
     for &noise in &args.label_noise {
         let methods = if noise == 0.0 && args.label_noise.len() > 1 { &control } else { &variants };
-        for seed in 0..args.seeds as u64 {
+        for seed in 0..args.seeds() as u64 {
             let train = with_label_noise(&clean_train, noise, seed, args.memorization_images, &device);
             let setting = Setting { noise, seed, train: &train, test: &test };
             for variant in methods {
