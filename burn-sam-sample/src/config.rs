@@ -89,6 +89,18 @@ impl SamConfig {
         Self::new().with_policy(GatePolicy::Trend(TrendConfig::new()))
     }
 
+    /// A fixed schedule with vSAM's reuse: SAM on every `k`-th step (the first step included),
+    /// the cheap steps in between reusing the decayed PSF of the last SAM step
+    /// ([`ReusePolicy::DecayedPsf`], vSAM's rule: weight 0.7^j on the j-th cheap step, for at
+    /// most 6 of them). No warm-up and no signal: the cost is exactly
+    /// `1 + 1/k` passes per step. On the benchmark's cost–accuracy frontier (`docs/benchmarks.md`)
+    /// this is the curve every adaptive gate is measured against.
+    ///
+    /// `k = 0` is refused by [`SamConfig::init`] (`policy.periodic.k`).
+    pub fn periodic_reuse(k: usize) -> Self {
+        Self::new().with_policy(GatePolicy::Periodic { k })
+    }
+
     /// LookSAM: SAM every `k` steps, the orthogonal part of g_s reused with weight `alpha` in
     /// between.
     pub fn look_sam(k: usize, alpha: f64) -> Self {
@@ -153,6 +165,16 @@ mod tests {
         assert_eq!(variation.max_fraction, 0.8);
         assert_eq!((variation.alpha_ratio, variation.alpha_variance), (0.13, 0.13));
         config.validate().unwrap();
+    }
+
+    #[test]
+    fn periodic_reuse_is_the_fixed_schedule_with_vsams_reuse() {
+        let config = SamConfig::periodic_reuse(5);
+        assert_eq!(config.policy, GatePolicy::Periodic { k: 5 });
+        assert_eq!(config.reuse, ReusePolicy::DecayedPsf { beta: 0.7, max_reuse: 6 });
+        config.validate().unwrap();
+        let error = SamConfig::periodic_reuse(0).validate().unwrap_err().to_string();
+        assert!(error.contains("policy.periodic.k"), "{error}");
     }
 
     #[test]

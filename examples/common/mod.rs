@@ -11,6 +11,7 @@ pub mod methods;
 pub mod model;
 pub mod process;
 pub mod renderer;
+pub mod stats;
 
 use burn::prelude::*;
 use rand::{Rng, SeedableRng};
