@@ -67,6 +67,11 @@ expect 2 "--label-noise" "$bin/benchmark" --quick --label-noise 1.5
 expect 2 "--precision" "$bin/benchmark" --quick --precision fp8
 expect 2 "\`fp16\` is not a cache precision" "$bin/benchmark" --quick --cache-precision fp16
 expect 1 "--precision bf16: the device" "$bin/benchmark" --quick --backend ndarray --precision bf16 --out "$tmp/b.md"
+expect 2 "--rho-grid" "$bin/benchmark" --quick --rho-grid 0.05,-1
+expect 2 "--validation 60000" "$bin/benchmark" --quick --validation 60000
+printf 'not a record\n{}\n' > "$tmp/runs.jsonl"
+expect 1 "line 1: not a run record" "$bin/benchmark" --quick --results "$tmp/runs.jsonl" --out "$tmp/c.md"
+expect 1 "selection runs for label noise" "$bin/benchmark" report --quick --results "$tmp/none.jsonl" --out "$tmp/d.md"
 expect 2 "--precision must be bf16 or f16" "$bin/ascent_rounding" --precision f32
 # A run too long to count.
 expect 1 "too many steps" "$fm" --epochs 18446744073709551615
