@@ -170,6 +170,11 @@ struct Args {
     /// A line describing the machine, for the report.
     #[arg(long, default_value = "unspecified machine")]
     machine: String,
+    /// `report` only: report the runs recorded at this earlier commit (as the results file
+    /// spells it) instead of the current code's; the report's header names it. Without it a
+    /// report uses only runs of the current code.
+    #[arg(long, value_parser = commit_name)]
+    runs_at: Option<String>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize)]
@@ -364,7 +369,8 @@ struct SettingSpec {
 /// Everything that can change one run's result; equal specs are the same run.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 struct RunSpec {
-    /// The last commit touching the library or the examples (`+dirty` with uncommitted changes there).
+    /// The last commit touching the code a run depends on ([`RUN_CODE`]; `+dirty` with
+    /// uncommitted changes there).
     commit: String,
     setting: SettingSpec,
     method: String,
@@ -688,8 +694,34 @@ fn run_one(
 const TRAIN_FILE_IMAGES: usize = 60_000;
 const TEST_FILE_IMAGES: usize = 10_000;
 
-/// The last commit touching the library or the examples, with `+dirty` when either has
-/// uncommitted changes; `unknown` outside a git checkout.
+/// A commit as the results file spells it: 4 to 40 hexadecimal digits, optionally `+dirty`.
+fn commit_name(text: &str) -> Result<String, String> {
+    let hex = text.strip_suffix("+dirty").unwrap_or(text);
+    if (4..=40).contains(&hex.len()) && hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+        Ok(text.to_string())
+    } else {
+        Err(format!("{text:?} is not a commit (4 to 40 hexadecimal digits, optionally +dirty)"))
+    }
+}
+
+/// The code a run's result depends on, as git pathspecs: the library, the benchmark and the
+/// example modules it trains with, and the dependency versions. The report-only modules
+/// (statistics, plotting) and the other examples are left out, so that a fix there does not
+/// turn finished runs into different ones.
+const RUN_CODE: &[&str] = &[
+    "burn-sam-sample/src",
+    "burn-sam-sample/Cargo.toml",
+    "Cargo.toml",
+    "Cargo.lock",
+    "examples/Cargo.toml",
+    "examples/benchmark.rs",
+    "examples/common",
+    ":(exclude)examples/common/stats.rs",
+    ":(exclude)examples/common/renderer.rs",
+];
+
+/// The last commit touching [`RUN_CODE`], with `+dirty` when any of it has uncommitted
+/// changes; `unknown` outside a git checkout.
 fn code_commit() -> String {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let git = |args: &[&str]| {
@@ -697,17 +729,16 @@ fn code_commit() -> String {
             .arg("-C")
             .arg(&root)
             .args(args)
+            .args(RUN_CODE)
             .output()
             .ok()
             .filter(|o| o.status.success())
             .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
     };
-    let Some(commit) =
-        git(&["log", "-1", "--format=%h", "--", "burn-sam-sample", "examples"]).filter(|c| !c.is_empty())
-    else {
+    let Some(commit) = git(&["log", "-1", "--format=%h", "--"]).filter(|c| !c.is_empty()) else {
         return "unknown".into();
     };
-    match git(&["status", "--porcelain", "--", "burn-sam-sample", "examples"]) {
+    match git(&["status", "--porcelain", "--"]) {
         Some(status) if status.is_empty() => commit,
         _ => format!("{commit}+dirty"),
     }
@@ -1631,11 +1662,23 @@ fn header(args: &Args, h: &Harness, library: &str, freed_memory_kept: bool) -> S
         "- command: `cargo run --release -p burn-sam-sample-examples --example benchmark -- {}` (the same command resumes it; with `report` first it rebuilds this page from the results file)",
         command.join(" ")
     );
-    let _ = writeln!(
-        out,
-        "- code: commit {} (the last commit touching `burn-sam-sample/` or `examples/`; the library's own last change: {library}); every run in the tables ran at it",
-        h.commit
-    );
+    match &args.runs_at {
+        None => {
+            let _ = writeln!(
+                out,
+                "- code: commit {} (the last commit touching the code a run depends on: the library, `examples/benchmark.rs`, the example modules it trains with, the lock file; the library's own last change: {library}); every run in the tables ran at it",
+                h.commit
+            );
+        }
+        Some(at) => {
+            let _ = writeln!(
+                out,
+                "- code: every run in the tables ran at commit {at}, named with `--runs-at`; this page was written by the code at {} (`git diff {at} {} -- burn-sam-sample/src examples` shows what changed since)",
+                code_commit(),
+                code_commit().trim_end_matches("+dirty")
+            );
+        }
+    }
     let _ = writeln!(
         out,
         "- machine: {}; backend {}; precision {} (reuse cache: {}); the allocator keeps freed memory (`burn_sam_sample::memory::keep_freed_memory`): {}",
@@ -1711,6 +1754,9 @@ fn main() -> ExitCode {
         if let Err(message) = select(&all, names) {
             usage(message);
         }
+    }
+    if args.runs_at.is_some() && args.step != StepKind::Report {
+        usage("--runs-at: only with the `report` step (runs are always made at the current code)".into());
     }
     if !all.iter().any(|v| v.name == args.variant) {
         usage(format!("--variant {}: not a method", args.variant));
@@ -1795,7 +1841,7 @@ fn run_benchmark(mut args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let args = &args;
     let mut h = Harness {
         args,
-        commit: code_commit(),
+        commit: args.runs_at.clone().unwrap_or_else(code_commit),
         backend: format!("{device:?}"),
         device,
         records,

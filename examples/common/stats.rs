@@ -184,7 +184,14 @@ mod tests {
     fn log_ratio_interval_is_geometric() {
         let i = log_ratio_interval(&[0.5, 2.0], Level::P90);
         assert!((i.mean - 1.0).abs() < 1e-12 && i.lo < 1.0 && i.hi > 1.0 && (i.lo * i.hi - 1.0).abs() < 1e-9);
-        assert_eq!(i.versus(0.1), Some(true));
         assert_eq!(i.versus(1.0), None);
+        // Reference: python3 -c "import math,statistics as s; l=[math.log(x) for x in (1.1,1.2,1.3)];
+        // m=s.mean(l); h=2.920*s.stdev(l)/3**.5; print(math.exp(m),math.exp(m-h),math.exp(m+h))"
+        let j = log_ratio_interval(&[1.1, 1.2, 1.3], Level::P90);
+        for (got, want) in [(j.mean, 1.197_215_767), (j.lo, 1.039_919_4), (j.hi, 1.378_304_9)] {
+            assert!((got - want).abs() < 1e-4, "{got} != {want}");
+        }
+        assert_eq!(j.versus(1.0), Some(true));
+        assert_eq!(j.versus(1.5), Some(false));
     }
 }
