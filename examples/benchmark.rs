@@ -1388,6 +1388,37 @@ fn frontier_table(verdicts: &[FrontierVerdict]) -> String {
     out
 }
 
+/// The variant against every other method of the setting, paired per seed (the seeds both
+/// have): the comparisons a reading of the variant rests on (against its ablation, against the
+/// fixed schedule at its cost, against the authors' rule).
+fn variant_table(outcome: &SettingOutcome, variant: &str) -> String {
+    let Some(v) = outcome.runs.get(variant).filter(|r| !r.is_empty()) else {
+        return String::new();
+    };
+    let mut out = format!(
+        "`{variant}` against each method, paired over the seeds both have (`{variant}` − method, pp, 90 % CI; *above*: `{variant}` is better):\n\n| method | seeds | selected epoch | | final epoch | |\n|---|---|---|---|---|---|\n"
+    );
+    for m in outcome.methods.iter().filter(|m| m.name != variant) {
+        let Some(runs) = outcome.runs.get(&m.name).filter(|r| !r.is_empty()) else {
+            continue;
+        };
+        let selected = paired_diff(v, runs, acc_selected);
+        let last = paired_diff(v, runs, acc_final);
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} | {} | {} | {} |",
+            m.name,
+            selected.map_or(0, |i| i.n),
+            fmt_interval(&selected),
+            verdict_word(&selected),
+            fmt_interval(&last),
+            verdict_word(&last),
+        );
+    }
+    out.push('\n');
+    out
+}
+
 /// The goal of issue-style acceptance for the variant on a setting where SAM pays: retention at
 /// the selected epoch ≥ 0.9 with its 90 % lower bound ≥ 0.9, at ≤ 1.10× SGD's time.
 fn goal_check(rows: &[Summary], variant: &str, verdicts: &[FrontierVerdict]) -> String {
@@ -1912,6 +1943,7 @@ fn run_benchmark(mut args: Args) -> Result<(), Box<dyn std::error::Error>> {
         let _ = writeln!(report, "Against the fixed-schedule curve (per seed: the method's accuracy minus the curve through SGD, `periodic{{k}}-reuse` and SAM, interpolated at the method's mean time relative to SAM):\n");
         report.push_str(&frontier_table(&verdicts));
         report.push('\n');
+        report.push_str(&variant_table(outcome, &args.variant));
         let tag = &outcome.name;
         let frontier_plot = stem.join(format!("frontier-{tag}.svg"));
         plot_frontier(&frontier_plot, &format!("Label noise {:.0} %", noise * 100.0), outcome, &rows)?;
