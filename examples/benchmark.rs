@@ -1419,8 +1419,10 @@ fn variant_table(outcome: &SettingOutcome, variant: &str) -> String {
     out
 }
 
-/// The goal of issue-style acceptance for the variant on a setting where SAM pays: retention at
-/// the selected epoch ≥ 0.9 with its 90 % lower bound ≥ 0.9, at ≤ 1.10× SGD's time.
+/// The goal for the variant: where SAM pays, retention at the selected epoch ≥ 0.9 with its 90 %
+/// lower bound ≥ 0.9, at ≤ 1.10× SGD's time, on or above the fixed-schedule curve; where SAM
+/// brings nothing, ≤ 1.10× SGD's time. Every bar is read on the bound of its 90 % interval: a
+/// point estimate that clears a bar while its interval does not is "not met".
 fn goal_check(rows: &[Summary], variant: &str, verdicts: &[FrontierVerdict]) -> String {
     let Some(v) = rows.iter().find(|r| r.method == variant) else {
         return String::new();
@@ -1451,11 +1453,11 @@ fn goal_check(rows: &[Summary], variant: &str, verdicts: &[FrontierVerdict]) -> 
         let lo = v.retention_selected_lo90;
         let _ = writeln!(
             out,
-            "- {variant} goal: retention at the selected epoch {} with lower bound ≥ 0.9: **{}**; time {} ≤ 1.10× SGD (point estimate): **{}**; on or above the fixed-schedule curve: **{}**.",
+            "- {variant} goal: retention at the selected epoch {} with lower bound ≥ 0.9: **{}**; time {} with upper bound ≤ 1.10× SGD: **{}**; on or above the fixed-schedule curve: **{}**.",
             fmt_retention(v.retention_selected, lo, v.retention_selected_hi90),
             verdict(lo.map(|l| l >= 0.9)),
             fmt_ratio(v.time_vs_sgd, v.time_vs_sgd_ci90),
-            verdict(v.time_vs_sgd.map(|t| t <= 1.10)),
+            verdict(time.map(|t| t <= 1.10)),
             verdicts.iter().find(|x| x.method == variant).map_or("not measured", |x| match verdict_word(&x.selected_vs_curve) {
                 "below" => "not met (below)",
                 "–" => "not measured",
@@ -1465,10 +1467,9 @@ fn goal_check(rows: &[Summary], variant: &str, verdicts: &[FrontierVerdict]) -> 
     } else {
         let _ = writeln!(
             out,
-            "- {variant} cost where SAM brings nothing: {} ≤ 1.10× SGD: **{}** (upper bound {}).",
+            "- {variant} cost where SAM brings nothing: {} with upper bound ≤ 1.10× SGD: **{}**.",
             fmt_ratio(v.time_vs_sgd, v.time_vs_sgd_ci90),
-            verdict(v.time_vs_sgd.map(|t| t <= 1.10)),
-            time.map_or("–".into(), |t| format!("{t:.2}×")),
+            verdict(time.map(|t| t <= 1.10)),
         );
     }
     out
