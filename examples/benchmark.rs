@@ -17,7 +17,9 @@
 //! resumed, or spread over machines. A run is identified by everything that can change its
 //! result (the setting, the method and its parameters, the learning rate, ρ, the seed, and the
 //! commit of the code): a changed option or commit is a different run, never mixed in. `report`
-//! rebuilds the tables, plots and `summary.json` from the results file alone.
+//! rebuilds the tables, plots and `summary.json` from the results file alone; `report --runs-at
+//! A,B` pools the runs of earlier commits (seeds run at A and further seeds run at B), and its
+//! header counts the runs on file at both and how many of them gave the same result.
 //!
 //! Without `--out` the report goes to `target/benchmark/benchmarks.md`; `--quick` keeps any
 //! `--epochs`, `--seeds` and subset sizes given with it.
@@ -170,11 +172,13 @@ struct Args {
     /// A line describing the machine, for the report.
     #[arg(long, default_value = "unspecified machine")]
     machine: String,
-    /// `report` only: report the runs recorded at this earlier commit (as the results file
-    /// spells it) instead of the current code's; the report's header names it. Without it a
-    /// report uses only runs of the current code.
-    #[arg(long, value_parser = commit_name)]
-    runs_at: Option<String>,
+    /// `report` only: report the runs recorded at these earlier commits (as the results file
+    /// spells them, comma-separated) instead of the current code's; the report's header names
+    /// them. With several, a run is taken from the first commit that has it, and the header counts
+    /// the runs on file at more than one of them and how many of those are identical (the pooling
+    /// is sound only when they all are). Without it a report uses only runs of the current code.
+    #[arg(long, value_parser = commit_name, value_delimiter = ',')]
+    runs_at: Vec<String>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize)]
@@ -438,6 +442,14 @@ struct RunRecord {
 const TRAINED: f64 = 0.2;
 
 impl RunRecord {
+    /// Whether `other` gave the same result: the same per-epoch validation and test accuracy,
+    /// memorization and SAM-step count (times differ from run to run and are not compared).
+    fn same_result(&self, other: &RunRecord) -> bool {
+        let trace = |r: &RunRecord| -> Vec<(f64, f64, Option<f64>)> {
+            r.epochs.iter().map(|e| (e.validation_accuracy, e.test_accuracy, e.memorized)).collect()
+        };
+        self.sam_steps == other.sam_steps && trace(self) == trace(other)
+    }
     fn final_accuracy(&self) -> f64 {
         self.epochs.last().map_or(0.0, |e| e.test_accuracy)
     }
@@ -796,7 +808,14 @@ struct SettingOutcome {
 
 struct Harness<'a> {
     args: &'a Args,
+    /// The commit runs are made at, or the first of `--runs-at`.
     commit: String,
+    /// The further commits of `--runs-at` whose runs a report may use.
+    pooled: Vec<String>,
+    /// Runs on file at more than one of the report's commits, and how many of them match the one
+    /// used (per-epoch accuracies, memorization, SAM steps).
+    on_several: usize,
+    identical: usize,
     device: Device,
     backend: String,
     records: Vec<RunRecord>,
@@ -874,9 +893,19 @@ impl Harness<'_> {
         variant: &Variant,
         stage: &str,
     ) -> Result<Option<RunRecord>, Box<dyn std::error::Error>> {
-        if let Some(found) = self.records.iter().find(|r| r.spec == spec) {
+        let at = |commit: &String| RunSpec { commit: commit.clone(), ..spec.clone() };
+        let mut candidates = std::iter::once(&self.commit).chain(&self.pooled).filter_map(|c| {
+            let wanted = at(c);
+            self.records.iter().find(|r| r.spec == wanted)
+        });
+        if let Some(found) = candidates.next().cloned() {
+            let others: Vec<bool> = candidates.map(|r| r.same_result(&found)).collect();
+            if !others.is_empty() {
+                self.on_several += 1;
+                self.identical += usize::from(others.iter().all(|&same| same));
+            }
             self.reused += 1;
-            return Ok(Some(found.clone()));
+            return Ok(Some(found));
         }
         if !self.running() {
             self.missing += 1;
@@ -1098,7 +1127,8 @@ struct Summary {
     memorized_final: Option<f64>,
     lr: f64,
     rho: Option<f64>,
-    commit: String,
+    /// The commits the method's runs ran at, in seed order of first appearance.
+    commits: Vec<String>,
 }
 
 /// Values of `f` on the seeds that both lists have, in seed order.
@@ -1189,7 +1219,12 @@ fn summarize(outcome: &SettingOutcome) -> Vec<Summary> {
                 memorized_final: (!memorized.is_empty()).then(|| mean_sd(&memorized).0 * 100.0),
                 lr: outcome.lr,
                 rho: variant.recipe.uses_rho().then(|| runs[0].spec.rho),
-                commit: runs[0].spec.commit.clone(),
+                commits: runs.iter().fold(Vec::new(), |mut seen, r| {
+                    if !seen.contains(&r.spec.commit) {
+                        seen.push(r.spec.commit.clone());
+                    }
+                    seen
+                }),
             })
         })
         .collect()
@@ -1694,18 +1729,29 @@ fn header(args: &Args, h: &Harness, library: &str, freed_memory_kept: bool) -> S
         "- command: `cargo run --release -p burn-sam-sample-examples --example benchmark -- {}` (the same command resumes it; with `report` first it rebuilds this page from the results file)",
         command.join(" ")
     );
-    match &args.runs_at {
-        None => {
+    match args.runs_at.as_slice() {
+        [] => {
             let _ = writeln!(
                 out,
                 "- code: commit {} (the last commit touching the code a run depends on: the library, `examples/benchmark.rs`, the example modules it trains with, the lock file; the library's own last change: {library}); every run in the tables ran at it",
                 h.commit
             );
         }
-        Some(at) => {
+        [at] => {
             let _ = writeln!(
                 out,
                 "- code: every run in the tables ran at commit {at}, named with `--runs-at`; this page was written by the code at {} (`git diff {at} {} -- burn-sam-sample/src examples` shows what changed since)",
+                code_commit(),
+                code_commit().trim_end_matches("+dirty")
+            );
+        }
+        [first, ..] => {
+            let _ = writeln!(
+                out,
+                "- code: every run in the tables ran at one of the commits {}, named with `--runs-at` (a run is taken from the first of them that has it; each row's commits are in `summary.json`); {} run(s) are on file at more than one of them, {} of those with the same result at each (per-epoch validation and test accuracy, memorization, SAM steps); this page was written by the code at {} (`git diff {first} {} -- burn-sam-sample/src examples` shows what changed since)",
+                args.runs_at.join(", "),
+                h.on_several,
+                h.identical,
                 code_commit(),
                 code_commit().trim_end_matches("+dirty")
             );
@@ -1787,8 +1833,11 @@ fn main() -> ExitCode {
             usage(message);
         }
     }
-    if args.runs_at.is_some() && args.step != StepKind::Report {
+    if !args.runs_at.is_empty() && args.step != StepKind::Report {
         usage("--runs-at: only with the `report` step (runs are always made at the current code)".into());
+    }
+    if let Some((i, twice)) = args.runs_at.iter().enumerate().find(|(i, c)| args.runs_at[..*i].contains(c)) {
+        usage(format!("--runs-at: commit {twice} is named twice (entry {})", i + 1));
     }
     if !all.iter().any(|v| v.name == args.variant) {
         usage(format!("--variant {}: not a method", args.variant));
@@ -1873,7 +1922,10 @@ fn run_benchmark(mut args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let args = &args;
     let mut h = Harness {
         args,
-        commit: args.runs_at.clone().unwrap_or_else(code_commit),
+        commit: args.runs_at.first().cloned().unwrap_or_else(code_commit),
+        pooled: args.runs_at.iter().skip(1).cloned().collect(),
+        on_several: 0,
+        identical: 0,
         backend: format!("{device:?}"),
         device,
         records,
@@ -1989,6 +2041,7 @@ fn run_benchmark(mut args: Args) -> Result<(), Box<dyn std::error::Error>> {
     }
     let summary = serde_json::json!({
         "commit": h.commit,
+        "pooled_commits": h.pooled,
         "command": std::env::args().skip(1).collect::<Vec<_>>(),
         "selections": selections.iter().map(|(setting, s)| serde_json::json!({"setting": setting, "selection": s})).collect::<Vec<_>>(),
         "rows": summaries,

@@ -71,6 +71,7 @@ expect 2 "--rho-grid" "$bin/benchmark" --quick --rho-grid 0.05,-1
 expect 2 "--validation 60000" "$bin/benchmark" --quick --validation 60000
 expect 2 "--runs-at: only with the \`report\` step" "$bin/benchmark" run --quick --runs-at 7cad086
 expect 2 "is not a commit" "$bin/benchmark" report --quick --runs-at HEAD~1
+expect 2 "commit 7cad086 is named twice" "$bin/benchmark" report --quick --runs-at 7cad086,cd081f4,7cad086
 printf 'not a record\n{}\n' > "$tmp/runs.jsonl"
 expect 1 "line 1: not a run record" "$bin/benchmark" --quick --results "$tmp/runs.jsonl" --out "$tmp/c.md"
 expect 1 "selection runs for label noise" "$bin/benchmark" report --quick --results "$tmp/none.jsonl" --out "$tmp/d.md"
