@@ -101,7 +101,9 @@ impl SamConfig {
     /// `1 + 1/k` passes per step. On the benchmark's cost–accuracy frontier (`docs/benchmarks.md`)
     /// this is the curve every adaptive gate is measured against; at `k = 5` it kept all of SAM's
     /// final-epoch gain at 0.59× SAM's time, and about two thirds of it at the
-    /// validation-selected epoch (`docs/benchmarks-20-seeds.md`).
+    /// validation-selected epoch (`docs/benchmarks-20-seeds.md`). Without label noise, where SAM
+    /// brought nothing, it was about 0.3 pp below the base optimizer alone at both epochs: check
+    /// that SAM itself helps on your data first.
     ///
     /// `k = 0` is refused by [`SamConfig::init`] (`policy.periodic.k`).
     pub fn periodic_reuse(k: usize) -> Self {
